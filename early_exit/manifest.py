@@ -1,0 +1,186 @@
+"""The manifest: the one contract between export and serving.
+
+`export` writes it with `write_manifest`; the handler reads it with
+`load_manifest` and checks every graph with `verify_files` before opening a
+session. Nothing else about a model reaches the server.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from early_exit.policy import BudgetEntry, ConfidenceMeasure
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """The manifest is malformed, or a file it lists is missing or tampered with."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ExitSpec:
+    """One stage graph: stage k maps features_{k-1} to (features_k, logits_k); the last returns logits only."""
+
+    index: int  # 1-based exit number
+    file: str
+    sha256: str
+    mflops: float  # cumulative cost of stages 1..k plus head k
+    input_name: str
+    logits_name: str
+    features_name: str | None  # None for the last stage
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    dataset: str
+    input_shape: tuple[int, ...]  # C, H, W (no batch axis)
+    classes: tuple[str, ...]
+    confidence: ConfidenceMeasure
+    exits: tuple[ExitSpec, ...]
+    calibration: tuple[BudgetEntry, ...]
+    default_budget_mflops: float
+    opset: int
+    full_graph: dict[str, Any] | None = None  # {"file", "sha256", "mflops", "input_name", "logits_name"}
+    versions: dict[str, str] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_mflops(self) -> list[float]:
+        return [e.mflops for e in self.exits]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.exits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "dataset": self.dataset,
+            "input_shape": list(self.input_shape),
+            "input_range": [0.0, 1.0],
+            "classes": list(self.classes),
+            "confidence": self.confidence.value,
+            "exits": [vars(e) for e in self.exits],
+            "full_graph": self.full_graph,
+            "calibration": [r.to_dict() for r in self.calibration],
+            "default_budget_mflops": self.default_budget_mflops,
+            "opset": self.opset,
+            "versions": dict(self.versions),
+            "evaluation": dict(self.evaluation),
+            **({"extra": dict(self.extra)} if self.extra else {}),
+        }
+
+
+def _require(d: dict, key: str, kind: type | tuple[type, ...]) -> Any:
+    if key not in d:
+        raise ManifestError(f"manifest is missing '{key}'")
+    if not isinstance(d[key], kind):
+        raise ManifestError(f"manifest field '{key}' has type {type(d[key]).__name__}")
+    return d[key]
+
+
+def manifest_from_dict(d: dict[str, Any]) -> Manifest:
+    """Validate a parsed manifest and build the typed view; every problem is a ManifestError."""
+    if not isinstance(d, dict):
+        raise ManifestError("manifest must be a JSON object")
+    version = _require(d, "format_version", int)
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"manifest format_version {version} is not supported (expected {FORMAT_VERSION})")
+    raw_exits = _require(d, "exits", list)
+    if not raw_exits:
+        raise ManifestError("manifest lists no exits")
+    try:
+        exits = tuple(ExitSpec(**e) for e in raw_exits)
+        calibration = tuple(BudgetEntry.from_dict(r) for r in _require(d, "calibration", list))
+        confidence_measure = ConfidenceMeasure(_require(d, "confidence", str))
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ManifestError(f"manifest entry is malformed: {exc}") from exc
+    if [e.index for e in exits] != list(range(1, len(exits) + 1)):
+        raise ManifestError("exit indices must be 1..K in order")
+    costs = [e.mflops for e in exits]
+    if any(b <= a for a, b in zip(costs, costs[1:])):
+        raise ManifestError(f"exit costs must grow strictly with depth, got {costs}")
+    if exits[-1].features_name is not None or any(e.features_name is None for e in exits[:-1]):
+        raise ManifestError("every stage but the last must output features")
+    if not calibration:
+        raise ManifestError("calibration table is empty")
+    for row in calibration:
+        if len(row.thresholds) != len(exits):
+            raise ManifestError(f"calibration row for {row.budget_mflops} has {len(row.thresholds)} thresholds")
+        if costs[row.max_exit] > row.budget_mflops + 1e-9:
+            raise ManifestError(f"calibration row for {row.budget_mflops} MFLOPs allows a deeper exit than it pays for")
+    default_budget = float(_require(d, "default_budget_mflops", (int, float)))
+    if not math.isfinite(default_budget) or default_budget < costs[0]:
+        raise ManifestError(f"default budget {default_budget} is below the cheapest exit")
+    classes = tuple(str(c) for c in _require(d, "classes", list))
+    return Manifest(
+        name=_require(d, "name", str),
+        version=str(_require(d, "version", (str, int))),
+        dataset=_require(d, "dataset", str),
+        input_shape=tuple(int(s) for s in _require(d, "input_shape", list)),
+        classes=classes,
+        confidence=confidence_measure,
+        exits=exits,
+        calibration=calibration,
+        default_budget_mflops=default_budget,
+        opset=int(_require(d, "opset", int)),
+        full_graph=d.get("full_graph"),
+        versions=dict(d.get("versions", {})),
+        evaluation=dict(d.get("evaluation", {})),
+        extra=dict(d.get("extra", {})),
+    )
+
+
+def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
+    path = Path(folder) / MANIFEST_NAME
+    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load_manifest(folder: str | Path) -> Manifest:
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in {folder}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    return manifest_from_dict(data)
+
+
+def verify_files(manifest: Manifest, folder: str | Path) -> None:
+    """Check that every graph the manifest lists exists and matches its sha256.
+
+    Serving calls this before opening any session: a tampered or truncated
+    graph refuses to load instead of answering wrongly.
+    """
+    folder = Path(folder)
+    files = [(f"exit {e.index}", e.file, e.sha256) for e in manifest.exits]
+    if manifest.full_graph:
+        files.append(("full graph", manifest.full_graph["file"], manifest.full_graph["sha256"]))
+    for what, name, expected in files:
+        path = folder / name
+        if not path.is_file():
+            raise ManifestError(f"{what}: file {name} is missing from {folder}")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(f"{what}: sha256 of {name} is {actual[:12]}..., manifest says {expected[:12]}...")

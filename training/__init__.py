@@ -1,0 +1,1 @@
+"""Training, attacks, evaluation and calibration of robust multi-exit networks."""

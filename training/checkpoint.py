@@ -1,0 +1,83 @@
+"""Checkpoints that hold everything needed to rebuild and describe a model (nanoGPT's `model_args`).
+
+Keys (format_version 1):
+    format_version, kind="robust-early-exit-checkpoint",
+    model_name, model_args, state_dict,
+    exit_mflops       cumulative MFLOPs per exit, measured with FlopCounterMode,
+    dataset           {"name", "input_shape", "classes"},
+    config            the resolved training config (dict),
+    step, epoch, optimizer, scheduler, rng   (resume state; optional),
+    calibration       {"confidence", "tolerance", "default_budget_mflops", "table": [BudgetEntry dicts]} or None,
+    evaluation        evaluation summary (dict) or None.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.models import MultiExitNetwork, create_model
+
+FORMAT_VERSION = 1
+KIND = "robust-early-exit-checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A missing, unreadable or foreign checkpoint."""
+
+
+def make_checkpoint(model: MultiExitNetwork, dataset: dict[str, Any], config: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "model_name": model.model_name,
+        "model_args": dict(model.model_args),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "exit_mflops": model.exit_mflops(),
+        "dataset": dataset,
+        "config": config,
+        "calibration": None,
+        "evaluation": None,
+        **extra,
+    }
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a foreign/corrupt file
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise CheckpointError(f"{path} is not a robust-early-exit checkpoint")
+    if ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format_version')}, expected {FORMAT_VERSION}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiExitNetwork:
+    model = create_model(ckpt["model_name"], **ckpt["model_args"])
+    model.load_state_dict(ckpt["state_dict"])
+    model._exit_mflops = list(ckpt["exit_mflops"])
+    model.eval()
+    return model
