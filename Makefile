@@ -1,0 +1,84 @@
+# Robust early-exit inference server. The two commands a new user needs:
+#   make train-export   set up, get data, train (PRESET), evaluate + calibrate, export, archive
+#   make test           the whole test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+PRESET ?= mnist-quick
+NAME   ?= $(firstword $(subst -, ,$(PRESET)))
+RUN    := runs/$(PRESET)
+CKPT   := $(RUN)/checkpoint.pt
+EVAL   := $(RUN)/eval/eval.json
+EXPORT := artifacts/export/$(NAME)
+MAR    := model_store/$(NAME).mar
+DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
+FORCE  ?=
+
+.PHONY: help setup data train evaluate export train-export test test-unit test-integration \
+        bench-train bench-serve serve stop clean
+
+help:
+	@echo "make train-export [PRESET=mnist-quick]   train, evaluate, calibrate, export and archive a model"
+	@echo "make test                                 run the whole test suite"
+	@echo "make serve / make stop                    start / stop TorchServe on model_store/"
+	@echo "make bench-train / make bench-serve       benchmarks (write bench/results/*.json)"
+
+# --- environment -----------------------------------------------------------
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m training.data --root data mnist fashion-mnist
+
+# --- the pipeline: each step is skipped when its output is newer than its inputs (FORCE=1 redoes it) ---
+ifneq ($(FORCE),)
+.PHONY: $(CKPT) $(EVAL) $(MAR)
+endif
+
+$(CKPT): training/configs/$(PRESET).yaml | $(STAMP)
+	$(PY) -m training.data --root data $(DATASET)
+	$(PY) -m training.train --preset $(PRESET) $(if $(FORCE),,--resume)
+
+$(EVAL): $(CKPT)
+	$(PY) -m training.evaluate $(CKPT)
+
+$(MAR): $(EVAL)
+	$(PY) -m export --checkpoint $(CKPT) --name $(NAME) --out-dir $(EXPORT) --model-store model_store \
+		--data-dir data --force
+
+train: $(CKPT)
+evaluate: $(EVAL)
+export: $(MAR)
+
+train-export: $(MAR)
+	@echo
+	@echo "Archive: $(MAR)   (evaluation: $(EVAL), plots beside it)"
+	@echo "Serve it with:  make serve NAME=$(NAME)"
+
+# --- tests -------------------------------------------------------------------
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit -q
+
+test-integration: $(STAMP)
+	$(PY) -m pytest tests/integration -q
+
+# --- benchmarks ----------------------------------------------------------------
+bench-train: $(STAMP)
+	$(PY) -m training.data --root data mnist
+	$(PY) -m bench.bench_train --preset mnist-quick
+
+clean:
+	rm -rf runs artifacts model_store/*.mar .serve logs
