@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from early_exit.policy import ConfidenceMeasure
-from training.attacks import build_attack, summed_exit_ce
+from training.attacks import build_attack, keep_strongest
 from training.calibrate import ExitOutputs, apply_policy, calibrate_table, sweep
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, apply_overrides
@@ -69,15 +69,6 @@ def evaluate(
     return EvalResult(outputs, torch.cat(kept) if keep_inputs else None)
 
 
-def strongest_per_sample(model: MultiExitNetwork, candidates: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
-    """Max-average selection over already-computed single-exit candidates (same rule as MaxAveragePGD)."""
-    with torch.no_grad():
-        scores = torch.stack([summed_exit_ce(model, c, y) for c in candidates])
-    best = scores.argmax(dim=0)
-    stacked = torch.stack(candidates)
-    return stacked[best, torch.arange(len(y))]
-
-
 def anytime(model: MultiExitNetwork, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Clean and adversarial per-exit accuracy; returns the max-average adversarial set too."""
     def attack(name: str, **kw: Any):
@@ -90,7 +81,7 @@ def anytime(model: MultiExitNetwork, cfg: TrainConfig, x: torch.Tensor, y: torch
     singles = [evaluate(model, x, y, attack("single", exit=k), bs, f"PGD-{cfg.eval_steps} exit {k + 1}",
                         keep_inputs=True) for k in range(model.num_exits)]
     average = evaluate(model, x, y, attack("average"), bs, f"PGD-{cfg.eval_steps} average")
-    x_max = torch.cat([strongest_per_sample(model, [s.inputs[i:i + bs] for s in singles], y[i:i + bs])
+    x_max = torch.cat([keep_strongest(model, [s.inputs[i:i + bs] for s in singles], y[i:i + bs])
                        for i in range(0, len(y), bs)])
     max_average = evaluate(model, x_max, y, None, bs, "max-average")
     return {
