@@ -114,6 +114,10 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
         confidence_measure = ConfidenceMeasure(_require(d, "confidence", str))
     except (TypeError, KeyError, ValueError) as exc:
         raise ManifestError(f"manifest entry is malformed: {exc}") from exc
+    names = [e.file for e in exits] + ([d["full_graph"]["file"]] if d.get("full_graph") else [])
+    for name in names:
+        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+            raise ManifestError(f"graph file name {name!r} must be a plain file name inside the model folder")
     if [e.index for e in exits] != list(range(1, len(exits) + 1)):
         raise ManifestError("exit indices must be 1..K in order")
     costs = [e.mflops for e in exits]

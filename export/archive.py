@@ -1,0 +1,192 @@
+"""The export folder -> `model_store/<name>.mar`, self-contained for an onnxruntime-only handler.
+
+torch-model-archiver 0.12.0 copies each `--extra-files` entry into the archive
+root, and for a directory it copies the directory's *contents* (sub-folders kept
+whole). So we stage one payload folder holding the graphs, manifest.json and the
+torch-free packages the handler imports (`early_exit/`) and pass that: the
+archive root then holds `early_exit/` as an importable package. The archiver
+stages its copy in `$TMPDIR/<model name>` (removing whatever was there), so it
+runs in a subprocess with a private TMPDIR; its output goes to a temporary
+folder and is renamed into place only after the archive was verified.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+import early_exit
+from early_exit.manifest import MANIFEST_NAME, Manifest, load_manifest, verify_files
+from export.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HANDLER = Path("serving/handler.py")
+MODEL_CONFIG_NAME = "model-config.yaml"
+MAR_MANIFEST = "MAR-INF/MANIFEST.json"
+EARLY_EXIT_DIR = Path(early_exit.__file__).resolve().parent
+DEFAULT_HANDLER_OPTIONS: dict[str, Any] = {"max_payload_bytes": 1_048_576, "top_k": 5, "intra_op_threads": 1}
+_UNSAFE_FOR_ARCHIVER = set(",*?[]")  # --extra-files is split on commas and globbed
+
+
+@dataclass
+class ServeConfig:
+    """`model-config.yaml`: TorchServe's per-model settings plus the `handler:` section the handler reads."""
+
+    min_workers: int = 1
+    max_workers: int = 1
+    batch_size: int = 8
+    max_batch_delay: int = 5  # ms
+    response_timeout: int = 30  # s
+    handler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_HANDLER_OPTIONS))
+
+    def validate(self) -> None:
+        if self.min_workers < 1 or self.max_workers < self.min_workers:
+            raise ExportError(f"workers must satisfy 1 <= min ({self.min_workers}) <= max ({self.max_workers})")
+        if self.batch_size < 1 or self.max_batch_delay < 0 or self.response_timeout < 1:
+            raise ExportError("batch size and response timeout must be >= 1 and max batch delay >= 0")
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return {
+            "minWorkers": self.min_workers,
+            "maxWorkers": self.max_workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay,
+            "responseTimeout": self.response_timeout,
+            "handler": dict(self.handler),
+        }
+
+
+def write_model_config(config: ServeConfig, folder: str | Path) -> Path:
+    config.validate()
+    path = Path(folder) / MODEL_CONFIG_NAME
+    path.write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    return path
+
+
+def _copy_package(src: Path, dst: Path) -> None:
+    """Source files only: caches would bloat the archive and can go stale against the .py files."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".*"))
+
+
+def _check_archiver_path(path: Path) -> None:
+    if _UNSAFE_FOR_ARCHIVER & set(str(path)):
+        raise ExportError(f"torch-model-archiver cannot take the path {path} (it splits on ',' and globs)")
+
+
+def build_archive(
+    export_dir: str | Path,
+    model_store: str | Path = "model_store",
+    name: str | None = None,
+    version: str | None = None,
+    handler_path: str | Path = DEFAULT_HANDLER,
+    *,
+    serve_config: ServeConfig | None = None,
+    packages: Sequence[str | Path] = (EARLY_EXIT_DIR,),
+    extra_files: Sequence[str | Path] = (),
+    force: bool = False,
+) -> Path:
+    """Archive a verified export folder as `<model_store>/<name>.mar` and return its path.
+
+    `name`/`version` default to the manifest's and must agree with it when given. `packages` are copied as
+    importable folders to the archive root, `extra_files` as plain files next to the graphs.
+    """
+    export_dir, model_store, handler_path = Path(export_dir), Path(model_store), Path(handler_path)
+    manifest = load_manifest(export_dir)
+    verify_files(manifest, export_dir)  # never archive a tampered or stale graph
+    name = name or manifest.name
+    version = str(version or manifest.version)
+    if (name, version) != (manifest.name, manifest.version):
+        raise ExportError(f"archive {name} {version} does not match the manifest ({manifest.name} {manifest.version})")
+    if not handler_path.is_file() or handler_path.suffix != ".py":
+        raise ExportError(f"handler {handler_path} is not an existing .py file")
+    for path in [*packages, *extra_files]:
+        if not Path(path).exists():
+            raise ExportError(f"{path} (to be packaged) does not exist")
+    model_store.mkdir(parents=True, exist_ok=True)
+    target = model_store / f"{name}.mar"
+    if target.exists() and not force:
+        raise ExportError(f"{target} already exists; pass --force to replace it")
+    config_path = write_model_config(serve_config or ServeConfig(), export_dir)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=model_store)).resolve()
+    try:
+        payload, out, tmp = staging / "payload", staging / "out", staging / "tmp"
+        for folder in (payload, out, tmp):
+            folder.mkdir()
+        for f in [MANIFEST_NAME, *(e.file for e in manifest.exits)] + (
+                [manifest.full_graph["file"]] if manifest.full_graph else []):
+            shutil.copy2(export_dir / f, payload / f)
+        for pkg in packages:
+            _copy_package(Path(pkg).resolve(), payload / Path(pkg).resolve().name)
+        for f in extra_files:
+            shutil.copy2(f, payload / Path(f).name)
+        for path in (payload, handler_path.resolve(), config_path.resolve()):
+            _check_archiver_path(path)
+        cmd = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", name,
+            "--version", version,
+            "--handler", str(handler_path.resolve()),
+            "--extra-files", str(payload),
+            "--config-file", str(config_path.resolve()),
+            "--export-path", str(out),
+            "--archive-format", "default",
+            "--force",
+        ]
+        log.info("running torch-model-archiver for %s %s", name, version)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+        if proc.returncode != 0:
+            lines = (proc.stderr or proc.stdout).strip().splitlines()
+            raise ExportError(f"torch-model-archiver failed (exit {proc.returncode}): {lines[-1] if lines else ''}")
+        built = out / f"{name}.mar"
+        verify_archive(built, handler=handler_path.name)
+        os.replace(built, target)
+    finally:
+        shutil.rmtree(staging)
+    log.info("wrote %s", target)
+    return target
+
+
+def read_mar_manifest(mar_path: str | Path) -> dict[str, Any]:
+    """TorchServe's own MAR-INF/MANIFEST.json (model name, version, handler, config file)."""
+    with zipfile.ZipFile(mar_path) as z:
+        return json.loads(z.read(MAR_MANIFEST))
+
+
+def verify_archive(mar_path: str | Path, handler: str | None = None) -> Manifest:
+    """Unpack a .mar into a temporary folder and check it the way a worker will see it.
+
+    MAR-INF/MANIFEST.json names the handler and config that are present, early_exit/ is importable,
+    and every graph matches the manifest's sha256.
+    """
+    mar_path = Path(mar_path)
+    try:
+        with zipfile.ZipFile(mar_path) as z, tempfile.TemporaryDirectory(prefix="mar-verify-") as tmp:
+            names = set(z.namelist())
+            if MAR_MANIFEST not in names:
+                raise ExportError(f"{mar_path} has no {MAR_MANIFEST}")
+            model = json.loads(z.read(MAR_MANIFEST)).get("model", {})
+            expected = [model.get("handler"), model.get("configFile"), MANIFEST_NAME, "early_exit/__init__.py",
+                        "early_exit/manifest.py", "early_exit/policy.py"]
+            if handler is not None and model.get("handler") != handler:
+                raise ExportError(f"{mar_path} names handler {model.get('handler')!r}, expected {handler!r}")
+            missing = [n for n in expected if not n or n not in names]
+            if missing:
+                raise ExportError(f"{mar_path} lacks {', '.join(str(m) for m in missing)}")
+            z.extractall(tmp)
+            manifest = load_manifest(tmp)
+            verify_files(manifest, tmp)
+            return manifest
+    except zipfile.BadZipFile as exc:
+        raise ExportError(f"{mar_path} is not a zip archive ({exc})") from exc
