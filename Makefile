@@ -80,5 +80,16 @@ bench-train: $(STAMP)
 	$(PY) -m training.data --root data mnist
 	$(PY) -m bench.bench_train --preset mnist-quick
 
+bench-serve: $(MAR)
+	$(PY) -m bench.bench_serve --archive $(MAR) --data-dir data
+
+# --- serving -------------------------------------------------------------------
+# TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on).
+serve: $(STAMP)
+	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth)
+
+stop: $(STAMP)
+	$(PY) -m serving.server stop
+
 clean:
 	rm -rf runs artifacts model_store/*.mar .serve logs

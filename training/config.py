@@ -34,12 +34,14 @@ class TrainConfig:
     out_dir: str = "runs"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch intra-op threads on CPU (0: torch's default)
+    channels_last: bool = False  # NHWC weights (mkldnn); measure before turning on
     # data
     val_size: int = 5000
     train_limit: int | None = None  # use only the first N training samples (tests, quick checks)
     batch_size: int = 256
     num_workers: int = 0
     # optimisation (iteration based, as in RDI-Nets)
+    optimizer: str = "sgd"  # sgd | adam
     iterations: int = 13000
     lr: float = 0.033
     momentum: float = 0.9
@@ -149,6 +151,8 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: {exc}") from None
     apply_overrides(cfg, parsed)
+    if cfg.optimizer not in ("sgd", "adam"):
+        raise ConfigError(f"optimizer must be sgd or adam, got {cfg.optimizer!r}")
     if cfg.attack not in ("max-average", "average"):
         raise ConfigError(f"attack must be max-average or average, got {cfg.attack!r}")
     return cfg

@@ -70,6 +70,12 @@ def build_objective(cfg: TrainConfig, model: MultiExitNetwork) -> MultiExitLoss:
     )
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def current_eps(cfg: TrainConfig, step: int) -> float:
     """Linear eps warm-up: adversarial training at full eps from step 0 can stall on MNIST."""
     if cfg.eps_warmup_iters <= 0:
@@ -154,13 +160,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)  # same init on every rank
     core = build_model(cfg).to(device)
     core.exit_mflops()
+    if cfg.channels_last:
+        core = core.to(memory_format=torch.channels_last)
     dataset = training_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_limit)
     sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True) if distributed else None
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         drop_last=True, num_workers=cfg.num_workers, generator=loader_gen,
                         pin_memory=device.type == "cuda")
-    optimizer = torch.optim.SGD(core.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(core, cfg)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
     state = TrainState()
     run_dir = cfg.run_dir

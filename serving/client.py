@@ -1,0 +1,131 @@
+"""A small client for the early-exit server (standard library only: copy it anywhere).
+
+    python -m serving.client digit.png --budget 5
+    python -m serving.client input.json --model mnist --url http://127.0.0.1:8080 --token "$KEY"
+
+The body is sent as is: a PNG/JPEG image, or JSON {"data": nested list C x H x W in [0, 1]}.
+The token defaults to the inference key in .serve/key_file.json (written by `make serve`).
+Exit status: 0 for HTTP 200, 1 for any other answer, 2 when the server could not be reached.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+BUDGET_HEADER = "X-Compute-Budget"
+DEFAULT_KEY_FILE = Path(".serve/key_file.json")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: Any  # parsed JSON, or the raw text when the server did not answer JSON
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+class Client:
+    """One persistent HTTP connection (reopened when the server closes it, as TorchServe does after a 4xx).
+
+    Not thread-safe: give each thread its own Client.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8080", model: str = "mnist", token: str | None = None,
+                 timeout: float = 30.0) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 8080
+        self.model, self.token, self.timeout = model, token, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def predict(self, body: bytes, budget: float | str | None = None, content_type: str | None = None,
+                headers: dict[str, str] | None = None) -> Response:
+        """POST /predictions/<model>; content type guessed from the body when not given."""
+        sent = {"Content-Type": content_type or guess_content_type(body), **(headers or {})}
+        if budget is not None:
+            sent[BUDGET_HEADER] = str(budget)
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        return self.request("POST", f"/predictions/{self.model}", body, sent)
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> Response:
+        for attempt in (0, 1):
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request(method, path, body=body, headers=headers or {})
+                raw = self._conn.getresponse()
+                data = raw.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()  # a kept-alive connection the server had closed: retry once on a fresh one
+                if attempt:
+                    raise
+                continue
+            response_headers = {k.lower(): v for k, v in raw.getheaders()}
+            if response_headers.get("connection", "").lower() == "close":
+                self.close()
+            try:
+                parsed: Any = json.loads(data) if data else None
+            except ValueError:
+                parsed = data.decode("utf-8", "replace")
+            return Response(raw.status, response_headers, parsed)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def guess_content_type(body: bytes) -> str:
+    if body.startswith(b"\x89PNG"):
+        return "image/png"
+    if body.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    return "application/json"
+
+
+def read_token(key_file: Path = DEFAULT_KEY_FILE) -> str | None:
+    """The inference key TorchServe wrote, or None when there is no key file (token auth off)."""
+    try:
+        return str(json.loads(Path(key_file).read_text())["inference"]["key"])
+    except FileNotFoundError:
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0])
+    p.add_argument("input", type=Path, help="a PNG/JPEG image or a JSON file {\"data\": [...]}")
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--model", default="mnist")
+    p.add_argument("--budget", help="MFLOPs per input (X-Compute-Budget); default: the model's")
+    p.add_argument("--token", help="inference key (default: read from --key-file)")
+    p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
+    p.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(argv)
+    token = args.token or read_token(args.key_file)
+    client = Client(args.url, args.model, token, args.timeout)
+    try:
+        response = client.predict(args.input.read_bytes(), args.budget)
+    except OSError as exc:
+        print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    print(f"HTTP {response.status}  exit {response.headers.get('x-exit-index', '-')}  "
+          f"spent {response.headers.get('x-compute-spent', '-')} MFLOPs", file=sys.stderr)
+    print(json.dumps(response.body, indent=2))
+    return 0 if response.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

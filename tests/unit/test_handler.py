@@ -1,0 +1,483 @@
+"""The handler in-process, with TorchServe's own Context, request decoding and metrics cache.
+
+The model is a synthetic three-stage ONNX chain built with onnx.helper (no torch, no export):
+its logits are linear in the input, so the expected exit of every row follows from the
+shared policy functions applied to numpy logits, i.e. the test checks handler == policy.
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from ts.context import Context
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.metrics.metric_type_enum import MetricTypes
+from ts.service import Service
+
+from early_exit.manifest import ExitSpec, Manifest, ManifestError, sha256_file, write_manifest
+from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, entry_for_budget, select_exits, softmax
+from serving.handler import METRICS, EarlyExitHandler, RejectReason
+
+REPO = Path(__file__).resolve().parents[2]
+METRICS_YAML = REPO / "serving" / "metrics.yaml"
+SHAPE = (1, 4, 4)
+CLASSES = ("zero", "one", "two")
+COSTS = [1.0, 2.5, 4.0]
+NEVER = 1.01
+TABLE = (
+    BudgetEntry(1.0, 0, (NEVER, NEVER, NEVER), 0.5, 1.0),
+    BudgetEntry(2.5, 1, (0.9, NEVER, NEVER), 0.6, 1.5),
+    BudgetEntry(4.0, 2, (0.8, 0.95, NEVER), 0.7, 2.0),
+)
+MODEL = "toy"
+
+
+def _weights() -> list[np.ndarray]:
+    """Exit k's logits = flat(x) @ W_k; pixel 0 drives confidence, pixels 1 and 2 pick the class at depth."""
+    ws = []
+    for k, scale in enumerate((5.0, 10.0, 1.0)):
+        w = np.zeros((16, 3), dtype=np.float32)
+        w[0, 0] = scale
+        if k == 2:
+            w[1, 1] = w[2, 2] = 8.0
+        ws.append(w)
+    return ws
+
+
+def _stage_graph(k: int, w: np.ndarray, last: bool) -> onnx.ModelProto:
+    inp = "image" if k == 0 else f"features_{k}"
+    nodes = [helper.make_node("Flatten", [inp], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["logits"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])]
+    if not last:
+        nodes.append(helper.make_node("Identity", [inp], [f"features_{k + 1}"]))
+        outputs.insert(0, helper.make_tensor_value_info(f"features_{k + 1}", TensorProto.FLOAT, ["N", *SHAPE]))
+    graph = helper.make_graph(nodes, f"stage_{k + 1}", [helper.make_tensor_value_info(inp, TensorProto.FLOAT,
+                              ["N", *SHAPE])], outputs, initializer=[numpy_helper.from_array(w, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_model_dir(folder: Path) -> Manifest:
+    ws = _weights()
+    exits = []
+    for k, w in enumerate(ws):
+        last = k == len(ws) - 1
+        name = f"stage_{k + 1}.onnx"
+        onnx.save(_stage_graph(k, w, last), folder / name)
+        exits.append(ExitSpec(index=k + 1, file=name, sha256=sha256_file(folder / name), mflops=COSTS[k],
+                              input_name="image" if k == 0 else f"features_{k}", logits_name="logits",
+                              features_name=None if last else f"features_{k + 1}"))
+    onnx.save(_stage_graph(0, ws[-1], True), folder / "full.onnx")
+    manifest = Manifest(
+        name=MODEL, version="1", dataset="synthetic", input_shape=SHAPE, classes=CLASSES,
+        confidence=ConfidenceMeasure.MAX_PROB, exits=tuple(exits), calibration=TABLE, default_budget_mflops=4.0,
+        opset=18, full_graph={"file": "full.onnx", "sha256": sha256_file(folder / "full.onnx"), "mflops": 4.0,
+                              "input_name": "image", "logits_name": "logits"},
+    )
+    write_manifest(manifest, folder)
+    return manifest
+
+
+def reference(x: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
+    """Expected (0-based exit, class) per row: numpy logits through the shared policy."""
+    logits = [x.reshape(len(x), -1) @ w for w in _weights()]
+    conf = np.stack([confidence(softmax(l), ConfidenceMeasure.MAX_PROB) for l in logits], axis=1)
+    entry = entry_for_budget(budget, TABLE, COSTS)
+    exits = select_exits(conf, entry.thresholds, entry.max_exit)
+    classes = np.array([int(np.argmax(logits[e][i])) for i, e in enumerate(exits)])
+    return exits, classes
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("toy_model")
+    build_model_dir(folder)
+    return folder
+
+
+def make_context(model_dir: Path, options: dict[str, Any] | None = None, gpu: int | None = None) -> Context:
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    cache.model_name = MODEL
+    return Context(MODEL, str(model_dir), {"model": {"modelName": MODEL}}, 8, gpu, "0.12.0", metrics=cache,
+                   model_yaml_config={"handler": options or {}})
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path) -> tuple[EarlyExitHandler, Context]:
+    ctx = make_context(model_dir)
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    return handler, ctx
+
+
+def run_batch(handler: EarlyExitHandler, ctx: Context, requests: list[tuple[Any, dict[str, str]]],
+              content_type: str = "application/octet-stream") -> list[tuple[int, dict[str, str], dict]]:
+    """Decode a batch the way TorchServe's worker does (Service.retrieve_data_for_inference), then handle it."""
+    batch = [{
+        "requestId": f"req-{i}".encode(),
+        "parameters": [{"name": "body", "contentType": content_type, "value": body}],
+        "headers": [{"name": k.encode(), "value": v.encode()} for k, v in headers.items()],
+    } for i, (body, headers) in enumerate(requests)]
+    processors, inputs, ids = Service.retrieve_data_for_inference(batch)
+    ctx.request_ids, ctx.request_processor = ids, processors
+    ctx.metrics.request_ids = ids
+    out = handler.handle(inputs, ctx)
+    assert len(out) == len(requests)
+    results = []
+    for i, body in enumerate(out):
+        json.dumps(body)  # TorchServe serializes with json.dumps: numpy scalars would fail the whole batch
+        results.append((ctx.get_response_status(i)[0], ctx.get_response_headers(i), body))
+    return results
+
+
+def as_json(x: np.ndarray) -> bytes:
+    return json.dumps({"data": x.tolist()}).encode()
+
+
+def rows(pixel0: list[float], pixel12: tuple[float, float] = (0.2, 0.9)) -> np.ndarray:
+    x = np.zeros((len(pixel0), *SHAPE), dtype=np.float32)
+    for i, p in enumerate(pixel0):
+        x[i, 0, 0, 0], x[i, 0, 0, 1], x[i, 0, 0, 2] = p, *pixel12
+    return x
+
+
+def png(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+PIXELS = [1.0, 0.6, 0.5, 0.39, 0.3, 0.1, 0.0, 0.38]
+
+
+@pytest.mark.parametrize("budget", [None, "1", "2.5", "3.3", "4", "1000"])
+def test_batch_answers_match_the_shared_policy(served, budget: str | None) -> None:
+    handler, ctx = served
+    x = rows(PIXELS)
+    headers = {} if budget is None else {"X-Compute-Budget": budget}
+    results = run_batch(handler, ctx, [(as_json(r), headers) for r in x])
+    exits, classes = reference(x, 4.0 if budget is None else float(budget))
+    applied = entry_for_budget(4.0 if budget is None else float(budget), TABLE, COSTS)
+    for (status, hdrs, body), e, c in zip(results, exits, classes):
+        assert status == 200
+        assert body["exit_index"] == e + 1 and body["class_index"] == c and body["label"] == CLASSES[c]
+        assert body["num_exits"] == 3 and body["max_exit_allowed"] == applied.max_exit + 1
+        assert body["mflops_spent"] == COSTS[e] <= body["budget_mflops"]
+        assert body["calibrated_budget_mflops"] == applied.budget_mflops
+        assert body["budget_source"] == ("default" if budget is None else "header")
+        assert hdrs["X-Exit-Index"] == str(e + 1) and float(hdrs["X-Compute-Spent"]) == COSTS[e]
+        assert hdrs["content-type"] == "application/json"
+        assert len(body["top_k"]) == 3 and body["top_k"][0]["class_index"] == c
+        assert abs(sum(t["probability"] for t in body["top_k"]) - 1.0) < 1e-6
+    if budget is None:  # the default budget uses every exit: the test data must exercise all three
+        assert set(exits.tolist()) == {0, 1, 2}
+
+
+def test_budget_header_name_is_case_insensitive(served) -> None:
+    handler, ctx = served
+    x = rows([0.1])[0]  # would go to exit 3 under the default budget
+    for name in ("x-compute-budget", "X-COMPUTE-BUDGET", "X-Compute-Budget"):
+        (status, _, body), = run_batch(handler, ctx, [(as_json(x), {name: "1.0"})])
+        assert status == 200 and body["exit_index"] == 1 and body["budget_mflops"] == 1.0
+
+
+@pytest.mark.parametrize("value, reason", [
+    ("abc", RejectReason.INVALID_BUDGET), ("", RejectReason.INVALID_BUDGET), ("-1", RejectReason.INVALID_BUDGET),
+    ("nan", RejectReason.INVALID_BUDGET), ("inf", RejectReason.INVALID_BUDGET), ("1e999", RejectReason.INVALID_BUDGET),
+    ("0.99", RejectReason.BUDGET_BELOW_MINIMUM), ("0", RejectReason.BUDGET_BELOW_MINIMUM),
+])
+def test_invalid_budget_is_a_400_for_that_request_only(served, value: str, reason: RejectReason) -> None:
+    handler, ctx = served
+    x = rows([1.0, 0.1])
+    results = run_batch(handler, ctx, [(as_json(x[0]), {}), (as_json(x[1]), {"X-Compute-Budget": value}),
+                                       (as_json(x[1]), {"X-Compute-Budget": "2.5"})])
+    assert [r[0] for r in results] == [200, 400, 200]
+    body = results[1][2]
+    assert body["reason"] == reason.value and body["status"] == 400
+    assert body["valid_budget_mflops"] == {"min": 1.0, "full_depth": 4.0}
+    assert "X-Exit-Index" not in results[1][1]
+
+
+def _bad_inputs() -> list[tuple[str, Any, RejectReason]]:
+    good = rows([0.5])[0]
+    png_bytes = png((good[0] * 255).astype(np.uint8))
+    return [
+        ("empty", b"", RejectReason.EMPTY_BODY),
+        ("whitespace", b"  \n", RejectReason.EMPTY_BODY),
+        ("garbage", b"\x00\x01not an image", RejectReason.UNDECODABLE_IMAGE),
+        ("truncated png", png_bytes[: len(png_bytes) // 2], RejectReason.UNDECODABLE_IMAGE),
+        ("png header only", png_bytes[:8], RejectReason.UNDECODABLE_IMAGE),
+        ("jpeg magic", b"\xff\xd8\xff\xe0" + b"\x00" * 20, RejectReason.UNDECODABLE_IMAGE),
+        ("gif", b"GIF89a" + b"\x00" * 30, RejectReason.UNDECODABLE_IMAGE),
+        ("wrong shape", json.dumps({"data": np.zeros((1, 3, 4)).tolist()}).encode(), RejectReason.WRONG_SHAPE),
+        ("ragged", json.dumps({"data": [[[0.1, 0.2], [0.3]]]}).encode(), RejectReason.WRONG_SHAPE),
+        ("scalar", b'{"data": 0.5}', RejectReason.WRONG_SHAPE),
+        ("nan", as_json(good).replace(b"0.5", b"NaN", 1), RejectReason.NON_FINITE),
+        ("infinity", as_json(good).replace(b"0.5", b"Infinity", 1), RejectReason.NON_FINITE),
+        ("overflow", as_json(good).replace(b"0.5", b"1e999", 1), RejectReason.NON_FINITE),
+        ("above one", as_json(good).replace(b"0.5", b"1.5", 1), RejectReason.OUT_OF_RANGE),
+        ("negative", as_json(good).replace(b"0.5", b"-0.1", 1), RejectReason.OUT_OF_RANGE),
+        ("bad json", b'{"data": [1, 2', RejectReason.BAD_JSON),
+        ("no data key", b'{"pixels": []}', RejectReason.BAD_JSON),
+        ("json list", b"[1, 2, 3]", RejectReason.BAD_JSON),
+        ("strings", json.dumps({"data": [[["0.5"] * 4] * 4]}).encode(), RejectReason.BAD_JSON),
+        ("nulls", json.dumps({"data": [[[None] * 4] * 4]}).encode(), RejectReason.BAD_JSON),
+        ("deep nesting", b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", RejectReason.BAD_JSON),
+        ("not utf-8", b'{"data": "\xff\xfe"}', RejectReason.BAD_JSON),
+        ("oversized", b"{" + b" " * (1 << 20) + b"}", RejectReason.PAYLOAD_TOO_LARGE),
+    ]
+
+
+BAD = _bad_inputs()
+
+
+@pytest.mark.parametrize("name, body, reason", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_among_good_requests(served, name: str, body: Any, reason: RejectReason) -> None:
+    handler, ctx = served
+    x = rows([1.0, 0.1])
+    results = run_batch(handler, ctx, [(as_json(x[0]), {}), (body, {}), (as_json(x[1]), {})])
+    assert [r[0] for r in results] == [200, reason.status, 200], results[1][2]
+    assert results[1][2]["reason"] == reason.value and results[1][2]["error"]
+    exits, _ = reference(x, 4.0)
+    assert [results[0][2]["exit_index"], results[2][2]["exit_index"]] == (exits + 1).tolist()
+
+
+def test_corrupted_images_never_escape_as_exceptions(served) -> None:
+    """Flip bytes all over a valid PNG and JPEG: every variant is a 200 or a 400, never an exception."""
+    handler, ctx = served
+    rng = np.random.default_rng(0)
+    base = [png((rng.random((4, 4)) * 255).astype(np.uint8)),
+            png((rng.random((4, 4)) * 255).astype(np.uint8), fmt="JPEG")]
+    batch = []
+    for data in base:
+        for _ in range(30):
+            corrupt = bytearray(data)
+            for pos in rng.integers(0, len(corrupt), size=3):
+                corrupt[pos] = int(rng.integers(0, 256))
+            batch.append((bytes(corrupt), {}))
+    for start in range(0, len(batch), 8):
+        for status, _, body in run_batch(handler, ctx, batch[start:start + 8]):
+            assert status == 200 or body["reason"] == RejectReason.UNDECODABLE_IMAGE.value
+
+
+def test_images_are_converted_to_the_model_input(served) -> None:
+    handler, ctx = served
+    x = rows([1.0, 0.1])
+    gray = [(r[0] * 255).round().astype(np.uint8) for r in x]
+    rgb_big = np.repeat(np.repeat(np.stack([gray[1]] * 3, axis=-1), 4, axis=0), 4, axis=1)  # 16x16 RGB
+    results = run_batch(handler, ctx, [(png(gray[0]), {}), (png(gray[1]), {}), (png(rgb_big, "RGB"), {}),
+                                       (png(gray[1], fmt="JPEG"), {}), (as_json(x[1]), {})])
+    assert all(r[0] == 200 for r in results), results
+    exits, classes = reference(x, 4.0)
+    assert results[0][2]["exit_index"] == exits[0] + 1
+    for status, _, body in results[1:]:  # 8-bit rounding, resizing and JPEG keep the deep answer
+        assert body["class_index"] == classes[1]
+
+
+def test_image_pixel_limit(model_dir: Path) -> None:
+    ctx = make_context(model_dir, {"max_image_pixels": 100})
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    (status, _, body), = run_batch(handler, ctx, [(png(np.zeros((11, 10), dtype=np.uint8)), {})])
+    assert status == 413 and body["reason"] == RejectReason.PAYLOAD_TOO_LARGE.value
+    big_jpeg = png(np.zeros((64, 64), dtype=np.uint8), fmt="JPEG")  # draft() must not dodge the limit
+    (status, _, body), = run_batch(handler, ctx, [(big_jpeg, {})])
+    assert status == 413
+
+
+def test_bodies_torchserve_already_decoded(served) -> None:
+    """With decode_input_request=true TorchServe hands over parsed JSON (application/json) or str (text/*)."""
+    handler, ctx = served
+    x = rows([1.0])[0]
+    parsed = {"data": x.tolist()}
+    results = run_batch(handler, ctx, [(parsed, {}), ({"data": [1, 2]}, {}), (json.dumps(parsed), {})])
+    assert [r[0] for r in results] == [200, 400, 200]
+    assert results[1][2]["reason"] == RejectReason.WRONG_SHAPE.value
+
+
+def test_form_urlencoded_bodies_get_a_415_that_says_what_to_send(served) -> None:
+    """curl -d/--data-binary sends application/x-www-form-urlencoded; TorchServe splits such bodies into fields."""
+    handler, ctx = served
+    x = rows([1.0])[0]
+    results = run_batch(handler, ctx, [({"garbage": b""}, {"Content-Type": "application/x-www-form-urlencoded"}),
+                                       (as_json(x), {"content-type": "application/json"})])
+    assert [r[0] for r in results] == [415, 200]
+    assert results[0][2]["reason"] == "unsupported_content_type" and "image/png" in results[0][2]["error"]
+
+
+def test_describe_and_explain_headers_do_not_hijack_the_batch(served) -> None:
+    """BaseHandler looks at request 0's `describe`/`explain` headers for the whole batch; we must not."""
+    handler, ctx = served
+    x = rows([1.0, 0.1])
+    results = run_batch(handler, ctx, [(as_json(x[0]), {"describe": "True", "explain": "True"}), (as_json(x[1]), {})])
+    assert [r[0] for r in results] == [200, 200] and all("exit_index" in r[2] for r in results)
+
+
+def test_all_rejected_batch(served) -> None:
+    handler, ctx = served
+    results = run_batch(handler, ctx, [(b"", {}), (b"{", {"X-Compute-Budget": "x"})])
+    assert [(r[0], r[2]["reason"]) for r in results] == [(400, "empty_body"), (400, "invalid_budget")]
+
+
+def _metric_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, dict[str, str], str]]:
+    """(name, value, dimensions, type) from the [METRICS] lines the worker prints for the frontend."""
+    pattern = re.compile(r"\[METRICS\](\w+)\.\w+:([^|]+)\|#([^|]*)\|#type:(\w+)")
+    out = []
+    for record in caplog.records:
+        m = pattern.search(record.getMessage())
+        if m:
+            dims = dict(pair.split(":", 1) for pair in m.group(3).split(",") if pair)
+            out.append((m.group(1), m.group(2), dims, m.group(4)))
+    return out
+
+
+def test_metrics_are_emitted_with_our_dimensions_first(served, caplog: pytest.LogCaptureFixture) -> None:
+    handler, ctx = served
+    x = rows(PIXELS)
+    caplog.set_level(logging.INFO)
+    run_batch(handler, ctx, [(as_json(r), {}) for r in x] + [(b"", {}), (b"{", {"X-Compute-Budget": "-2"})])
+    lines = _metric_lines(caplog)
+    exits, _ = reference(x, 4.0)
+    counts = {name: [] for name, *_ in lines}
+    for name, value, dims, kind in lines:
+        counts[name].append((float(value), dims, kind))
+    exit_counts = {d["ExitIndex"]: v for v, d, _ in counts["EarlyExitCount"]}
+    assert exit_counts == {str(e + 1): float((exits == e).sum()) for e in set(exits.tolist())}
+    for name in ("EarlyExitCount", "RequestsRejected", "StageTimeMs", "StageRuns", "StageRows"):
+        for _, dims, kind in counts[name]:
+            assert list(dims)[1:] == ["ModelName", "Level"] and dims["ModelName"] == MODEL
+            assert dims["Level"] == "Model" and kind == "COUNTER"
+    assert sorted(d["Reason"] for _, d, _ in counts["RequestsRejected"]) == ["empty_body", "invalid_budget"]
+    assert [v for v, _, _ in counts["ComputeSpentMFLOPs"]] == [pytest.approx(sum(COSTS[e] for e in exits))]
+    assert [v for v, _, _ in counts["ComputeFullMFLOPs"]] == [pytest.approx(4.0 * len(x))]
+    assert {d["Stage"]: v for v, d, _ in counts["StageRuns"]} == {"1": 1.0, "2": 1.0, "3": 1.0}
+    assert {d["Stage"]: v for v, d, _ in counts["StageRows"]} == {"1": 8.0, "2": float((exits >= 1).sum()),
+                                                                  "3": float((exits >= 2).sum())}
+    latency = counts["RequestLatencySeconds"]
+    assert len(latency) == len(x) + 2 and all(k == "HISTOGRAM" and 0 < v < 5 for v, _, k in latency)
+    assert [v for v, _, _ in counts["RequestLatencyMs"]] == pytest.approx([v * 1000 for v, _, _ in latency])
+
+
+def test_every_counter_series_starts_at_zero_on_load(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    EarlyExitHandler().initialize(make_context(model_dir))
+    lines = _metric_lines(caplog)
+    assert all(float(v) == 0 for _, v, _, _ in lines)
+    started = {(name, next(iter(dims.values()))) for name, _, dims, _ in lines}
+    assert {("EarlyExitCount", str(k)) for k in (1, 2, 3)} <= started
+    assert {("RequestsRejected", r.value) for r in RejectReason} <= started
+    assert {(n, str(k)) for n in ("StageTimeMs", "StageRuns", "StageRows") for k in (1, 2, 3)} <= started
+    assert {("ComputeSpentMFLOPs", "toy"), ("ComputeFullMFLOPs", "toy")} <= started
+
+
+def test_metrics_yaml_declares_every_handler_metric_in_emission_order() -> None:
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    for spec in METRICS:
+        declared = cache.get_metric(spec.name.value, spec.kind)
+        assert declared.dimension_names == spec.all_dimensions, spec.name
+    assert cache.get_metric("HandlerTime", MetricTypes.GAUGE)  # TorchServe's own model metrics stay declared
+
+
+def test_yaml_with_other_dimension_order_refuses_to_load(model_dir: Path, tmp_path: Path) -> None:
+    text = METRICS_YAML.read_text().replace('["ExitIndex", *model_name, *level]', '[*model_name, *level, "ExitIndex"]')
+    (tmp_path / "metrics.yaml").write_text(text)
+    cache = MetricsCacheYamlImpl(config_file_path=str(tmp_path / "metrics.yaml"))
+    cache.initialize_cache()
+    ctx = make_context(model_dir)
+    ctx.metrics = cache
+    with pytest.raises(ValueError, match="EarlyExitCount"):
+        EarlyExitHandler().initialize(ctx)
+
+
+def test_tampered_graph_refuses_to_load(model_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    data = bytearray((folder / "stage_2.onnx").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "stage_2.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256"):
+        EarlyExitHandler().initialize(make_context(folder))
+
+
+def test_unknown_handler_option_refuses_to_load(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="max_payload_byte"):
+        EarlyExitHandler().initialize(make_context(model_dir, {"max_payload_byte": 10}))
+
+
+def test_full_graph_only_mode(model_dir: Path) -> None:
+    ctx = make_context(model_dir, {"mode": "full_graph_only"})
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    assert handler.sessions == [] and handler.full_session is not None
+    x = rows(PIXELS)
+    results = run_batch(handler, ctx, [(as_json(r), {}) for r in x] + [(as_json(x[0]), {"X-Compute-Budget": "2.5"})])
+    full_classes = [int(np.argmax(r.reshape(-1) @ _weights()[-1])) for r in x]
+    for (status, hdrs, body), c in zip(results, full_classes):
+        assert status == 200 and body["exit_index"] == 3 and body["class_index"] == c
+        assert body["mflops_spent"] == 4.0 and body["mode"] == "full_graph_only"
+    assert results[-1][0] == 400 and results[-1][2]["reason"] == "budget_below_minimum"
+    assert results[-1][2]["valid_budget_mflops"] == {"min": 4.0, "full_depth": 4.0}
+
+
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
+def test_cuda_is_used_only_when_really_active(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """onnxruntime-gpu on a GPU-less host lists CUDA but runs on CPU: the handler must notice."""
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    caplog.set_level(logging.WARNING)
+    handler = EarlyExitHandler()
+    handler.initialize(make_context(model_dir, gpu=0))
+    assert handler.provider == "CPUExecutionProvider"
+    assert "CUDA was requested" in caplog.text
+
+
+def test_torchserve_loader_accepts_the_module(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """TorchServe's own loader on an unpacked-archive layout (handler.py + early_exit/ + graphs)."""
+    from ts.model_loader import TsModelLoader
+
+    folder = tmp_path / "mar"
+    shutil.copytree(model_dir, folder)
+    shutil.copy(REPO / "serving" / "handler.py", folder / "handler.py")
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(__import__("sys").modules, "handler", raising=False)
+    cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
+    cache.initialize_cache()
+    service = TsModelLoader().load(MODEL, str(folder), "handler", None, 4, None, True, cache)
+    batch = [{"requestId": b"r0", "parameters": [{"name": "body", "contentType": "application/json",
+                                                   "value": as_json(rows([1.0])[0])}], "headers": []}]
+    service.set_cl_socket(None)
+    response = service.predict(batch)
+    assert b"exit_index" in bytes(response) and b"Prediction success" in bytes(response)
+    __import__("sys").modules.pop("handler", None)
+
+
+def test_serving_imports_only_what_the_worker_has() -> None:
+    """The worker has early_exit (from the archive), numpy, onnxruntime, PIL, ts and the stdlib: nothing else."""
+    import sys
+
+    tree = ast.parse((REPO / "serving" / "handler.py").read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    third_party = roots - set(sys.stdlib_module_names) - {"__future__"}
+    assert third_party == {"early_exit", "numpy", "onnxruntime", "PIL", "ts"}

@@ -1,0 +1,83 @@
+"""serving.server and serving.client helpers that need no running TorchServe."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from serving import client, server
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _properties(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_shipped_config_keeps_token_auth_on_loopback_and_prometheus() -> None:
+    props = _properties(REPO / "serving" / "config.properties")
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert all(props[k].startswith("http://127.0.0.1:") for k in ("inference_address", "management_address",
+                                                                  "metrics_address"))
+    assert props["metrics_mode"] == "prometheus" and props["metrics_config"] == "serving/metrics.yaml"
+    assert props["decode_input_request"] == "false"  # the handler sees raw bytes (payload size, bad JSON)
+    assert "model_store" in props and "load_models" in props
+
+
+def test_render_config_replaces_keys_and_keeps_the_rest(tmp_path: Path) -> None:
+    out = server.render_config(REPO / "serving" / "config.properties", tmp_path / "c.properties",
+                               {"inference_address": "http://127.0.0.1:1234", "initial_worker_port": "4321",
+                                "new_key": "x"})
+    props = _properties(out)
+    template = _properties(REPO / "serving" / "config.properties")
+    assert props["inference_address"] == "http://127.0.0.1:1234" and props["initial_worker_port"] == "4321"
+    assert props["new_key"] == "x" and props["disable_token_authorization"] == "false"
+    assert {k: v for k, v in props.items() if k not in ("inference_address", "initial_worker_port", "new_key")} == {
+        k: v for k, v in template.items() if k not in ("inference_address", "initial_worker_port")}
+
+
+def test_served_name_comes_from_the_archive_not_its_file_name(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "renamed.mar", "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "mnist"}}))
+    assert server._model_names(tmp_path, ["renamed.mar"]) == ["mnist"]
+    assert server._model_names(tmp_path, ["all"]) == ["mnist"]
+    assert server._model_names(tmp_path, ["other=renamed.mar"]) == ["other"]
+    (tmp_path / "broken.mar").write_bytes(b"not a zip")
+    with pytest.raises(server.ServerError, match="broken.mar"):
+        server._model_names(tmp_path, ["broken.mar"])
+
+
+def test_load_failure_reads_only_what_this_start_appended(tmp_path: Path) -> None:
+    ts_log, model_log = tmp_path / "ts_log.log", tmp_path / "model_log.log"
+    ts_log.write_text("x Load model failed: m\nx Load model failed: m\n")
+    model_log.write_text("t [INFO ] W-1-m-stdout MODEL_LOG - early_exit.manifest.ManifestError: old\n")
+    offsets = server._log_sizes(tmp_path)
+    assert server._load_failure(tmp_path, offsets) is None  # a previous start's failures do not count
+    with open(ts_log, "a") as f:
+        f.write("x Load model failed: m\nx Load model failed: m\n")
+    with open(model_log, "a") as f:
+        f.write("t [INFO ] W-1-m-stdout MODEL_LOG - ValueError: unknown handler option(s) ['x']\n")
+    assert server._load_failure(tmp_path, offsets) == "ValueError: unknown handler option(s) ['x']"
+
+
+def test_free_ports_are_distinct() -> None:
+    ports = server.Ports.free()
+    values = [ports.inference, ports.management, ports.metrics, ports.grpc_inference, ports.grpc_management]
+    assert len(set(values)) == 5 and not set(values) & set(range(ports.worker, ports.worker + 16))
+
+
+def test_read_key(tmp_path: Path) -> None:
+    (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "abc"}, "management": {"key": "m"}}))
+    assert server.read_key(tmp_path) == "abc" and server.read_key(tmp_path, server.KeyKind.MANAGEMENT) == "m"
+    assert client.read_token(tmp_path / "key_file.json") == "abc"
+    assert client.read_token(tmp_path / "missing.json") is None
+    with pytest.raises(server.ServerError, match="does not exist"):
+        server.read_key(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("body, kind", [(b"\x89PNG\r\n\x1a\n...", "image/png"), (b"\xff\xd8\xff\xe0", "image/jpeg"),
+                                        (b'{"data": []}', "application/json")])
+def test_client_content_type(body: bytes, kind: str) -> None:
+    assert client.guess_content_type(body) == kind
