@@ -92,12 +92,12 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
         log.info("reusing %s: it was trained with exactly this recipe", run_dir)
     ckpt = run_dir / "checkpoint.pt"
     summary = json.loads((run_dir / "train.json").read_text())
-    ev = run_evaluation(ckpt, out_dir=Path("runs/bench") / f"eval-{method.value}", update_checkpoint=False)
+    ev = run_evaluation(ckpt, out_dir=Path("runs/bench") / f"eval-{method.value}", write_calibration_file=False)
     a = ev["anytime"]
     exits = []
-    for k, mf in enumerate(ev["exit_mflops"]):
+    for k, (mf, anytime_mf) in enumerate(zip(ev["cost"]["staged_mflops"], ev["cost"]["anytime_mflops"])):
         exits.append({
-            "exit": k + 1, "mflops": mf, "clean_acc": a["clean_full_test"][k],
+            "exit": k + 1, "staged_mflops": mf, "anytime_mflops": anytime_mf, "clean_acc": a["clean_full_test"][k],
             "clean_acc_attacked_subset": a["clean"][k],
             "adv_acc": {"max-average": a["max-average"][k], "average": a["average"][k],
                         "single": [s[k] for s in a["single"]]},
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         methods[method.value], cfg = run_method(args.preset, method, args.overrides, reuse=not args.no_reuse)
     assert cfg is not None
     fb = forward_backward_throughput(cfg)
-    exit_mflops = [e["mflops"] for e in methods["neokd"]["exits"]]
+    exit_mflops = [e["anytime_mflops"] for e in methods["neokd"]["exits"]]
     passes = passes_per_sample(cfg, exit_mflops)
     # Throughput from the runs trained inside this benchmark (a reused run may have shared the CPU).
     timed = [m for m in methods.values() if not m["reused"]] or list(methods.values())

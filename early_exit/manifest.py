@@ -9,13 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from early_exit.costs import CostError, CostProfile
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
 
-FORMAT_VERSION = 1
+# 2: per-stage and per-head costs; budgets, calibration and the full graph speak in staged cost
+# (early_exit/costs.py). Format 1 charged exit k as stages 1..k plus head k only.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 
@@ -33,15 +36,34 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class ExitSpec:
-    """One stage graph: stage k maps features_{k-1} to (features_k, logits_k); the last returns logits only."""
+    """One stage graph: stage k maps features_{k-1} to (features_k, logits_k); the last returns logits only.
+
+    Costs in MFLOPs per input: `stage_mflops` and `head_mflops` are this stage's and this head's own;
+    `staged_mflops` (stages and heads 1..k) is what an answer here costs, `anytime_mflops` (stages 1..k
+    plus head k) the papers' per-exit figure. Both are derived and checked at load.
+    """
 
     index: int  # 1-based exit number
     file: str
     sha256: str
-    mflops: float  # cumulative cost of stages 1..k plus head k
+    stage_mflops: float
+    head_mflops: float
+    staged_mflops: float
+    anytime_mflops: float
     input_name: str
     logits_name: str
     features_name: str | None  # None for the last stage
+
+
+@dataclass(frozen=True)
+class FullGraphSpec:
+    """`full.onnx`: the whole network to its last exit without the early heads (anytime cost of exit K)."""
+
+    file: str
+    sha256: str
+    mflops: float
+    input_name: str
+    logits_name: str
 
 
 @dataclass(frozen=True)
@@ -50,20 +72,26 @@ class Manifest:
     version: str
     dataset: str
     input_shape: tuple[int, ...]  # C, H, W (no batch axis)
+    input_background: float  # value transparent image pixels are composited onto, in [0, 1] (0: black)
     classes: tuple[str, ...]
     confidence: ConfidenceMeasure
     exits: tuple[ExitSpec, ...]
     calibration: tuple[BudgetEntry, ...]
     default_budget_mflops: float
     opset: int
-    full_graph: dict[str, Any] | None = None  # {"file", "sha256", "mflops", "input_name", "logits_name"}
+    full_graph: FullGraphSpec | None = None
     versions: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def exit_mflops(self) -> list[float]:
-        return [e.mflops for e in self.exits]
+    def cost(self) -> CostProfile:
+        return CostProfile(tuple(e.stage_mflops for e in self.exits), tuple(e.head_mflops for e in self.exits))
+
+    @property
+    def staged_mflops(self) -> list[float]:
+        """What an answer at each exit costs under staged early exit (MFLOPs): the budget's unit."""
+        return [e.staged_mflops for e in self.exits]
 
     @property
     def num_exits(self) -> int:
@@ -77,10 +105,11 @@ class Manifest:
             "dataset": self.dataset,
             "input_shape": list(self.input_shape),
             "input_range": [0.0, 1.0],
+            "input_background": self.input_background,
             "classes": list(self.classes),
             "confidence": self.confidence.value,
-            "exits": [vars(e) for e in self.exits],
-            "full_graph": self.full_graph,
+            "exits": [asdict(e) for e in self.exits],
+            "full_graph": asdict(self.full_graph) if self.full_graph else None,
             "calibration": [r.to_dict() for r in self.calibration],
             "default_budget_mflops": self.default_budget_mflops,
             "opset": self.opset,
@@ -88,6 +117,33 @@ class Manifest:
             "evaluation": dict(self.evaluation),
             **({"extra": dict(self.extra)} if self.extra else {}),
         }
+
+
+def exit_specs(cost: CostProfile, graphs: list[dict[str, Any]]) -> tuple[ExitSpec, ...]:
+    """Exit entries from a measured cost profile and each stage graph's file/sha256/IO names (export)."""
+    return tuple(
+        ExitSpec(stage_mflops=cost.stage_mflops[k], head_mflops=cost.head_mflops[k],
+                 staged_mflops=cost.staged[k], anytime_mflops=cost.anytime[k], **g)
+        for k, g in enumerate(graphs)
+    )
+
+
+def _typed(cls: type, d: Any, what: str) -> Any:
+    """A frozen dataclass from a JSON object whose keys must be exactly the dataclass's fields."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"{what} must be a JSON object")
+    names = [f.name for f in fields(cls)]
+    missing, unknown = sorted(set(names) - set(d)), sorted(set(d) - set(names))
+    if missing or unknown:
+        raise ManifestError(f"{what}: missing keys {missing}, unknown keys {unknown}")
+    for f in fields(cls):
+        value = d[f.name]
+        kinds = {"int": int, "float": (int, float), "str": str, "str | None": (str, type(None))}[str(f.type)]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ManifestError(f"{what}: '{f.name}' has type {type(value).__name__}")
+        if str(f.type) == "float" and not math.isfinite(value):
+            raise ManifestError(f"{what}: '{f.name}' must be finite")
+    return cls(**{f.name: (float(d[f.name]) if str(f.type) == "float" else d[f.name]) for f in fields(cls)})
 
 
 def _require(d: dict, key: str, kind: type | tuple[type, ...]) -> Any:
@@ -99,55 +155,69 @@ def _require(d: dict, key: str, kind: type | tuple[type, ...]) -> Any:
 
 
 def manifest_from_dict(d: dict[str, Any]) -> Manifest:
-    """Validate a parsed manifest and build the typed view; every problem is a ManifestError."""
+    """Validate a parsed manifest and build the typed view; every problem is a one-line ManifestError."""
     if not isinstance(d, dict):
         raise ManifestError("manifest must be a JSON object")
     version = _require(d, "format_version", int)
+    if version < FORMAT_VERSION:
+        raise ManifestError(f"manifest format_version {version} is from an older export (its costs leave out the "
+                            f"heads a request runs through); re-export the model: make archive")
     if version != FORMAT_VERSION:
         raise ManifestError(f"manifest format_version {version} is not supported (expected {FORMAT_VERSION})")
     raw_exits = _require(d, "exits", list)
     if not raw_exits:
         raise ManifestError("manifest lists no exits")
+    exits = tuple(_typed(ExitSpec, e, f"exit entry {i + 1}") for i, e in enumerate(raw_exits))
+    full = None if d.get("full_graph") is None else _typed(FullGraphSpec, d["full_graph"], "full_graph")
     try:
-        exits = tuple(ExitSpec(**e) for e in raw_exits)
         calibration = tuple(BudgetEntry.from_dict(r) for r in _require(d, "calibration", list))
         confidence_measure = ConfidenceMeasure(_require(d, "confidence", str))
     except (TypeError, KeyError, ValueError) as exc:
         raise ManifestError(f"manifest entry is malformed: {exc}") from exc
-    names = [e.file for e in exits] + ([d["full_graph"]["file"]] if d.get("full_graph") else [])
-    for name in names:
-        if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+    for name in [e.file for e in exits] + ([full.file] if full else []):
+        if "/" in name or "\\" in name or name.startswith("."):
             raise ManifestError(f"graph file name {name!r} must be a plain file name inside the model folder")
     if [e.index for e in exits] != list(range(1, len(exits) + 1)):
         raise ManifestError("exit indices must be 1..K in order")
-    costs = [e.mflops for e in exits]
+    try:
+        cost = CostProfile(tuple(e.stage_mflops for e in exits), tuple(e.head_mflops for e in exits))
+        CostProfile.from_dict({**cost.to_dict(), "staged_mflops": [e.staged_mflops for e in exits],
+                               "anytime_mflops": [e.anytime_mflops for e in exits]})
+    except CostError as exc:
+        raise ManifestError(f"exit costs: {exc}") from None
+    costs = cost.staged
     if any(b <= a for a, b in zip(costs, costs[1:])):
-        raise ManifestError(f"exit costs must grow strictly with depth, got {costs}")
+        raise ManifestError(f"staged exit costs must grow strictly with depth, got {costs}")
+    if full is not None and not math.isclose(full.mflops, cost.full, rel_tol=1e-9):
+        raise ManifestError(f"full_graph mflops {full.mflops} is not the last exit's anytime cost {cost.full}")
     if exits[-1].features_name is not None or any(e.features_name is None for e in exits[:-1]):
         raise ManifestError("every stage but the last must output features")
     if not calibration:
         raise ManifestError("calibration table is empty")
     for row in calibration:
-        if len(row.thresholds) != len(exits):
-            raise ManifestError(f"calibration row for {row.budget_mflops} has {len(row.thresholds)} thresholds")
+        if len(row.thresholds) != len(exits) or not 0 <= row.max_exit < len(exits):
+            raise ManifestError(f"calibration row for {row.budget_mflops} does not fit {len(exits)} exits")
         if costs[row.max_exit] > row.budget_mflops + 1e-9:
             raise ManifestError(f"calibration row for {row.budget_mflops} MFLOPs allows a deeper exit than it pays for")
     default_budget = float(_require(d, "default_budget_mflops", (int, float)))
     if not math.isfinite(default_budget) or default_budget < costs[0]:
         raise ManifestError(f"default budget {default_budget} is below the cheapest exit")
-    classes = tuple(str(c) for c in _require(d, "classes", list))
+    background = float(_require(d, "input_background", (int, float)))
+    if not 0.0 <= background <= 1.0:
+        raise ManifestError(f"input_background must be in [0, 1], got {background}")
     return Manifest(
         name=_require(d, "name", str),
         version=str(_require(d, "version", (str, int))),
         dataset=_require(d, "dataset", str),
         input_shape=tuple(int(s) for s in _require(d, "input_shape", list)),
-        classes=classes,
+        input_background=background,
+        classes=tuple(str(c) for c in _require(d, "classes", list)),
         confidence=confidence_measure,
         exits=exits,
         calibration=calibration,
         default_budget_mflops=default_budget,
         opset=int(_require(d, "opset", int)),
-        full_graph=d.get("full_graph"),
+        full_graph=full,
         versions=dict(d.get("versions", {})),
         evaluation=dict(d.get("evaluation", {})),
         extra=dict(d.get("extra", {})),
@@ -180,7 +250,7 @@ def verify_files(manifest: Manifest, folder: str | Path) -> None:
     folder = Path(folder)
     files = [(f"exit {e.index}", e.file, e.sha256) for e in manifest.exits]
     if manifest.full_graph:
-        files.append(("full graph", manifest.full_graph["file"], manifest.full_graph["sha256"]))
+        files.append(("full graph", manifest.full_graph.file, manifest.full_graph.sha256))
     for what, name, expected in files:
         path = folder / name
         if not path.is_file():

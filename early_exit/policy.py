@@ -40,29 +40,37 @@ def confidence(probs: np.ndarray, measure: ConfidenceMeasure | str = ConfidenceM
     return 1.0 - entropy / np.log(num_classes)
 
 
-def exit_mask(conf: np.ndarray, threshold: float, is_last_allowed: bool) -> np.ndarray:
-    """Which rows leave at this exit: confident enough, or this is the last exit they may reach."""
+def exit_mask(conf: np.ndarray, thresholds: np.ndarray | float, exit: int, max_exits: np.ndarray | int) -> np.ndarray:
+    """Which rows leave at `exit` (0-based): confident enough, or `exit` is the deepest they may reach.
+
+    conf: (N,) confidences at this exit; thresholds: this exit's threshold, per row (N,) or shared;
+    max_exits: each row's deepest allowed exit (N,) or shared. The rule of the staged runner and of
+    `select_exits`, so offline and served decisions cannot differ.
+    """
     conf = np.asarray(conf, dtype=np.float64)
-    if is_last_allowed:
-        return np.ones(conf.shape[0], dtype=bool)
-    return conf >= threshold
+    return (conf >= np.asarray(thresholds, dtype=np.float64)) | (exit >= np.asarray(max_exits))
 
 
-def select_exits(confidences: np.ndarray, thresholds: Sequence[float], max_exit: int) -> np.ndarray:
+def select_exits(confidences: np.ndarray, thresholds: Sequence[float] | np.ndarray, max_exit: int | np.ndarray
+                 ) -> np.ndarray:
     """Exit (0-based) taken by each row, given every exit's confidence (N x K).
 
-    Rows leave at the first exit whose confidence reaches its threshold; exit
-    `max_exit` (0-based, inclusive) always answers. This walks the exits exactly
-    as the staged server does, one `exit_mask` per stage.
+    thresholds: (K,) shared or (N x K) per row; max_exit: the deepest exit allowed (0-based, inclusive),
+    shared or (N,) per row. Rows leave at the first exit whose confidence reaches its threshold; the
+    deepest allowed exit always answers. Walks the exits as the staged runner does, one `exit_mask` each.
     """
     confidences = np.asarray(confidences, dtype=np.float64)
     n, k = confidences.shape
-    if not 0 <= max_exit < k:
-        raise ValueError(f"max_exit must be in [0, {k - 1}], got {max_exit}")
+    max_exits = np.broadcast_to(np.asarray(max_exit, dtype=np.int64), (n,))
+    if max_exits.size and (max_exits.min() < 0 or max_exits.max() >= k):
+        raise ValueError(f"max_exit must be in [0, {k - 1}], got {np.unique(max_exits).tolist()}")
+    thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n, k))
     chosen = np.full(n, -1, dtype=np.int64)
     pending = np.arange(n)
-    for e in range(max_exit + 1):
-        leave = exit_mask(confidences[pending, e], float(thresholds[e]), e == max_exit)
+    for e in range(k):
+        if not pending.size:
+            break
+        leave = exit_mask(confidences[pending, e], thresholds[pending, e], e, max_exits[pending])
         chosen[pending[leave]] = e
         pending = pending[~leave]
     return chosen
@@ -73,7 +81,7 @@ class BudgetEntry:
     """One row of the calibration table: the thresholds calibrated for a per-input budget."""
 
     budget_mflops: float
-    max_exit: int  # 0-based, deepest exit whose cumulative cost fits the budget
+    max_exit: int  # 0-based, deepest exit whose staged cost fits the budget
     thresholds: tuple[float, ...]
     val_accuracy: float
     val_mean_mflops: float
@@ -103,7 +111,7 @@ class BudgetError(ValueError):
 
 
 def deepest_exit_within(budget_mflops: float, exit_mflops: Sequence[float]) -> int:
-    """0-based index of the deepest exit whose cumulative cost is <= budget."""
+    """0-based index of the deepest exit whose cost (the staged cost, early_exit.costs) is <= budget."""
     if not np.isfinite(budget_mflops) or budget_mflops < 0:
         raise BudgetError(f"budget must be a finite, non-negative number of MFLOPs, got {budget_mflops!r}")
     fitting = [i for i, c in enumerate(exit_mflops) if c <= budget_mflops]
@@ -117,7 +125,7 @@ def deepest_exit_within(budget_mflops: float, exit_mflops: Sequence[float]) -> i
 def entry_for_budget(budget_mflops: float, table: Sequence[BudgetEntry], exit_mflops: Sequence[float]) -> BudgetEntry:
     """The calibration row to apply for a per-input budget.
 
-    The budget caps the deepest exit (cumulative cost <= budget); the row is the
+    The budget caps the deepest exit (staged cost <= budget); the row is the
     one calibrated for the largest tabulated budget not above the request's.
     """
     max_exit = deepest_exit_within(budget_mflops, exit_mflops)

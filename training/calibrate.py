@@ -1,23 +1,37 @@
 """Per-exit confidence thresholds for a sweep of budgets, fitted on the validation split.
 
 A budget B (MFLOPs per input) is a hard cap: the deepest exit a request may
-reach is the deepest one whose cumulative cost is <= B. Within that cap, the
+reach is the deepest one whose staged cost (stages and heads 1..k,
+early_exit/costs.py) is <= B. Within that cap, the
 thresholds for B are the cheapest ones (lowest mean validation cost) whose
 validation accuracy stays within `tolerance` of always answering at the
-deepest allowed exit. The table has one row per exit cost; the server picks the
-row of the largest tabulated budget not above the request's budget.
+deepest allowed exit. The table has one row per exit's staged cost; the server picks
+the row of the largest tabulated budget not above the request's budget.
+
+Evaluation writes the table, the cost profile and its summary to
+`calibration.json` beside the checkpoint (`write_calibration`); export reads it
+back (`read_calibration`). The checkpoint itself is never rewritten.
 
 All decisions go through `early_exit.policy.select_exits`, the function the
 server uses, so offline figures and HTTP answers agree by construction.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
+from early_exit.costs import CostProfile
 from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, select_exits, softmax
+
+CALIBRATION_NAME = "calibration.json"
+CALIBRATION_FORMAT = 1
 
 NEVER = 1.01  # above any confidence in [0, 1]: nobody leaves at this exit
 
@@ -50,13 +64,13 @@ class PolicyResult:
 
 
 def apply_policy(
-    outputs: ExitOutputs, thresholds: Sequence[float], max_exit: int, exit_mflops: Sequence[float],
+    outputs: ExitOutputs, thresholds: Sequence[float], max_exit: int, staged_mflops: Sequence[float],
     measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB,
 ) -> PolicyResult:
     conf = outputs.confidences(measure)
     exits = select_exits(conf, thresholds, max_exit)
     correct = outputs.correct()[np.arange(len(exits)), exits]
-    costs = np.asarray(exit_mflops)[exits]
+    costs = np.asarray(staged_mflops)[exits]
     return PolicyResult(exits, float(correct.mean()), float(costs.mean()))
 
 
@@ -68,7 +82,7 @@ def _candidate_thresholds(conf: np.ndarray) -> np.ndarray:
 
 
 def calibrate_budget(
-    outputs: ExitOutputs, max_exit: int, exit_mflops: Sequence[float], tolerance: float,
+    outputs: ExitOutputs, max_exit: int, staged_mflops: Sequence[float], tolerance: float,
     measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB,
 ) -> BudgetEntry:
     """Thresholds for a cap at `max_exit`: cheapest on validation within `tolerance` of the capped exit's accuracy.
@@ -82,7 +96,7 @@ def calibrate_budget(
     candidates = _candidate_thresholds(outputs.confidences(measure)[:, :max_exit]) if max_exit else np.array([NEVER])
 
     def evaluate(th: list[float]) -> PolicyResult:
-        return apply_policy(outputs, th, max_exit, exit_mflops, measure)
+        return apply_policy(outputs, th, max_exit, staged_mflops, measure)
 
     def better(res: PolicyResult, best: PolicyResult) -> bool:
         return (res.mean_mflops, -res.accuracy) < (best.mean_mflops, -best.accuracy)
@@ -102,7 +116,7 @@ def calibrate_budget(
             if res.accuracy >= floor and better(res, best):
                 best, best_th = res, th
     return BudgetEntry(
-        budget_mflops=float(exit_mflops[max_exit]),
+        budget_mflops=float(staged_mflops[max_exit]),
         max_exit=max_exit,
         thresholds=tuple(best_th),
         val_accuracy=best.accuracy,
@@ -111,15 +125,15 @@ def calibrate_budget(
 
 
 def calibrate_table(
-    outputs: ExitOutputs, exit_mflops: Sequence[float], tolerance: float = 0.003,
+    outputs: ExitOutputs, staged_mflops: Sequence[float], tolerance: float = 0.003,
     measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB,
 ) -> list[BudgetEntry]:
     """One row per exit: the budget equal to that exit's cumulative cost."""
-    return [calibrate_budget(outputs, k, exit_mflops, tolerance, measure) for k in range(len(exit_mflops))]
+    return [calibrate_budget(outputs, k, staged_mflops, tolerance, measure) for k in range(len(staged_mflops))]
 
 
 def sweep(
-    outputs: ExitOutputs, exit_mflops: Sequence[float], thresholds_grid: Sequence[float] | None = None,
+    outputs: ExitOutputs, staged_mflops: Sequence[float], thresholds_grid: Sequence[float] | None = None,
     measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB,
 ) -> list[dict[str, float]]:
     """Accuracy against mean cost for a shared threshold swept over a grid (the budgeted-evaluation curve)."""
@@ -128,6 +142,85 @@ def sweep(
         [np.linspace(0.1, 0.9, 9), 1.0 - np.logspace(-1.3, -6, 12), [NEVER]])
     rows = []
     for t in grid:
-        res = apply_policy(outputs, [float(t)] * k, k - 1, exit_mflops, measure)
+        res = apply_policy(outputs, [float(t)] * k, k - 1, staged_mflops, measure)
         rows.append({"threshold": float(t), "accuracy": res.accuracy, "mean_mflops": res.mean_mflops})
     return rows
+
+
+class CalibrationError(ValueError):
+    """calibration.json is missing, malformed, or belongs to another checkpoint."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What evaluation hands to export: thresholds per budget (staged MFLOPs), the cost profile, a summary."""
+
+    confidence: ConfidenceMeasure
+    tolerance: float
+    cost: CostProfile
+    table: tuple[BudgetEntry, ...]
+    default_budget_mflops: float
+    checkpoint_sha256: str
+    evaluation: dict[str, Any]  # the evaluation summary the manifest carries (JSON types only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": CALIBRATION_FORMAT, "checkpoint_sha256": self.checkpoint_sha256,
+                "confidence": self.confidence.value, "tolerance": self.tolerance, "cost": self.cost.to_dict(),
+                "default_budget_mflops": self.default_budget_mflops, "table": [r.to_dict() for r in self.table],
+                "evaluation": self.evaluation}
+
+
+def calibration_path(checkpoint: str | Path) -> Path:
+    """Where evaluation writes (and export reads) the calibration of `checkpoint`: beside it."""
+    return Path(checkpoint).with_name(CALIBRATION_NAME)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_calibration(calibration: Calibration, path: str | Path) -> Path:
+    """Atomic JSON write (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(calibration.to_dict(), f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> Calibration:
+    """Load calibration.json; with `checkpoint`, refuse one written for different weights.
+
+    Raises CalibrationError with one line saying what to run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"{path} does not exist; evaluate the checkpoint first "
+                               f"(python -m training.evaluate {checkpoint or '<checkpoint>'})")
+    try:
+        d = json.loads(path.read_text())
+        if d.get("format_version") != CALIBRATION_FORMAT:
+            raise CalibrationError(f"{path} has format {d.get('format_version')}, expected {CALIBRATION_FORMAT}; "
+                                   "re-run the evaluation")
+        calibration = Calibration(
+            confidence=ConfidenceMeasure(d["confidence"]), tolerance=float(d["tolerance"]),
+            cost=CostProfile.from_dict(d["cost"]), table=tuple(BudgetEntry.from_dict(r) for r in d["table"]),
+            default_budget_mflops=float(d["default_budget_mflops"]), checkpoint_sha256=str(d["checkpoint_sha256"]),
+            evaluation=dict(d.get("evaluation") or {}),
+        )
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, CalibrationError):
+            raise
+        raise CalibrationError(f"{path} is malformed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+                               ) from None
+    if not calibration.table:
+        raise CalibrationError(f"{path} holds an empty calibration table")
+    if checkpoint is not None and file_sha256(checkpoint) != calibration.checkpoint_sha256:
+        raise CalibrationError(f"{path} was written for other weights than {checkpoint}; re-run the evaluation")
+    return calibration

@@ -1,14 +1,16 @@
 """Checkpoints that hold everything needed to rebuild and describe a model (nanoGPT's `model_args`).
 
-Keys (format_version 1):
+Keys (format_version 2):
     format_version, kind="robust-early-exit-checkpoint",
     model_name, model_args, state_dict,
-    exit_mflops       cumulative MFLOPs per exit, measured with FlopCounterMode,
+    cost              per-stage and per-head MFLOPs measured with FlopCounterMode (early_exit.costs.CostProfile
+                      as a dict, with the derived staged and anytime costs per exit),
     dataset           {"name", "input_shape", "classes"},
     config            the resolved training config (dict),
     step, epoch, optimizer, scheduler, rng   (resume state; optional),
-    calibration       {"confidence", "tolerance", "default_budget_mflops", "table": [BudgetEntry dicts]} or None,
-    evaluation        evaluation summary (dict) or None.
+
+Evaluation never rewrites a checkpoint: it writes its calibration table and summary to
+`calibration.json` beside it (training.evaluate), which export reads.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 from training.models import MultiExitNetwork, create_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "cost" (per stage and head) replaced "exit_mflops"; no calibration inside
 KIND = "robust-early-exit-checkpoint"
 
 
@@ -36,11 +38,9 @@ def make_checkpoint(model: MultiExitNetwork, dataset: dict[str, Any], config: di
         "model_name": model.model_name,
         "model_args": dict(model.model_args),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "exit_mflops": model.exit_mflops(),
+        "cost": model.cost_profile().to_dict(),
         "dataset": dataset,
         "config": config,
-        "calibration": None,
-        "evaluation": None,
         **extra,
     }
 
@@ -71,13 +71,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
         raise CheckpointError(f"{path} is not a robust-early-exit checkpoint")
     if ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format_version')}, expected {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint format {ckpt.get('format_version')}, expected {FORMAT_VERSION}: "
+                              "retrain it with this version (make train-export FORCE=1)")
     return ckpt
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiExitNetwork:
     model = create_model(ckpt["model_name"], **ckpt["model_args"])
     model.load_state_dict(ckpt["state_dict"])
-    model._exit_mflops = list(ckpt["exit_mflops"])
     model.eval()
     return model

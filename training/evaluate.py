@@ -6,7 +6,10 @@ Anytime setup: per-exit clean accuracy and per-exit adversarial accuracy under e
 attack, the average attack and the max-average attack (PGD, docs/method.md settings).
 Budgeted setup: thresholds calibrated on the validation split (never the test set) for one budget per
 exit; accuracy against mean cost per sample, clean and adversarial; exit distributions for clean,
-adversarial and DeepSloth inputs. The calibration table and a summary go back into the checkpoint.
+adversarial and DeepSloth inputs. Budgets and costs are staged costs (stages and heads 1..k,
+early_exit/costs.py); the anytime cost is reported beside the per-exit tables. The calibration table,
+the cost profile and a summary go to calibration.json beside the checkpoint (export reads it); the
+checkpoint itself is never rewritten.
 """
 from __future__ import annotations
 
@@ -24,8 +27,17 @@ from tqdm import tqdm
 
 from early_exit.policy import ConfidenceMeasure
 from training.attacks import build_attack, keep_strongest
-from training.calibrate import ExitOutputs, apply_policy, calibrate_table, sweep
-from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.calibrate import (
+    Calibration,
+    ExitOutputs,
+    apply_policy,
+    calibrate_table,
+    calibration_path,
+    file_sha256,
+    sweep,
+    write_calibration,
+)
+from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.config import ConfigError, TrainConfig, apply_overrides
 from training.data import DataError, Split, load_tensors
 from training.models import MultiExitNetwork
@@ -95,21 +107,21 @@ def _exit_histogram(exits: np.ndarray, k: int) -> list[float]:
 
 
 def budgeted(
-    table, exit_mflops: list[float], sets: dict[str, ExitOutputs], measure: ConfidenceMeasure,
+    table, staged_mflops: list[float], sets: dict[str, ExitOutputs], measure: ConfidenceMeasure,
 ) -> dict[str, Any]:
-    """Accuracy, mean cost and exit distribution of each calibrated budget on each set."""
-    k = len(exit_mflops)
+    """Accuracy, mean staged cost and exit distribution of each calibrated budget on each set."""
+    k = len(staged_mflops)
     rows = []
     for entry in table:
         row: dict[str, Any] = {"budget_mflops": entry.budget_mflops, "max_exit": entry.max_exit + 1,
                                "thresholds": list(entry.thresholds)}
         for name, outputs in sets.items():
-            res = apply_policy(outputs, entry.thresholds, entry.max_exit, exit_mflops, measure)
+            res = apply_policy(outputs, entry.thresholds, entry.max_exit, staged_mflops, measure)
             row[name] = {"accuracy": res.accuracy, "mean_mflops": res.mean_mflops,
                          "exit_distribution": _exit_histogram(res.exits, k),
                          "early_exit_rate": float((res.exits < k - 1).mean())}
         rows.append(row)
-    curves = {name: sweep(outputs, exit_mflops, measure=measure) for name, outputs in sets.items()}
+    curves = {name: sweep(outputs, staged_mflops, measure=measure) for name, outputs in sets.items()}
     return {"budgets": rows, "curves": curves}
 
 
@@ -120,13 +132,13 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    mflops = summary["exit_mflops"]
+    mflops = summary["cost"]["staged_mflops"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in summary["budgeted"]["curves"].items():
         ax.plot([c["mean_mflops"] for c in curve], [c["accuracy"] for c in curve], marker=".", label=f"{name} (sweep)")
-    ax.plot(mflops, summary["anytime"]["clean"], "s--", label="clean, fixed exit")
-    ax.plot(mflops, summary["anytime"]["max-average"], "^--", label="max-average, fixed exit")
-    ax.set_xlabel("mean MFLOPs per sample")
+    ax.plot(mflops, summary["anytime"]["clean"], "s--", label="clean, capped at exit k")
+    ax.plot(mflops, summary["anytime"]["max-average"], "^--", label="max-average, capped at exit k")
+    ax.set_xlabel("mean staged MFLOPs per sample (stages and heads run)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{summary['name']}: accuracy vs compute")
     ax.grid(alpha=0.3)
@@ -155,7 +167,8 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | None = None,
-                   overrides: dict[str, Any] | None = None, update_checkpoint: bool = True) -> dict[str, Any]:
+                   overrides: dict[str, Any] | None = None, write_calibration_file: bool = True) -> dict[str, Any]:
+    """Evaluate `checkpoint`; writes eval.json + plots to `out_dir` and calibration.json beside the checkpoint."""
     ckpt = load_checkpoint(checkpoint)
     cfg = apply_overrides(TrainConfig(), {k: v for k, v in ckpt["config"].items()})
     if overrides:
@@ -164,7 +177,8 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = model_from_checkpoint(ckpt)
-    exit_mflops = model.exit_mflops()
+    cost = model.cost_profile()
+    staged = cost.staged
     measure = ConfidenceMeasure(cfg.confidence)
     limit = limit if limit is not None else cfg.eval_limit
     out_dir = Path(out_dir) if out_dir else Path(checkpoint).parent / "eval"
@@ -172,7 +186,7 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
 
     x_val, y_val = load_tensors(cfg.dataset, cfg.data_dir, Split.VAL, cfg.val_size, cfg.seed)
     val = evaluate(model, x_val, y_val, None, cfg.eval_batch_size, "validation")
-    table = calibrate_table(val.outputs, exit_mflops, cfg.calibration_tolerance, measure)
+    table = calibrate_table(val.outputs, staged, cfg.calibration_tolerance, measure)
 
     x_test, y_test = load_tensors(cfg.dataset, cfg.data_dir, Split.TEST)
     clean_full = evaluate(model, x_test, y_test, None, cfg.eval_batch_size, "test (clean, all)")
@@ -186,7 +200,7 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
 
     summary: dict[str, Any] = {
         "name": cfg.name, "checkpoint": str(checkpoint), "method": cfg.method.value, "dataset": cfg.dataset,
-        "exit_mflops": exit_mflops, "attacked_samples": len(y_att), "test_samples": len(y_test),
+        "cost": cost.to_dict(), "attacked_samples": len(y_att), "test_samples": len(y_test),
         "attack": {"eps": cfg.eval_eps, "step_size": cfg.eval_step_size, "steps": cfg.eval_steps,
                    "random_start": True},
         "slowdown_attack": {"eps": cfg.slowdown_eps, "step_size": cfg.slowdown_step_size,
@@ -200,15 +214,15 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
         },
         "calibration": {"confidence": measure.value, "tolerance": cfg.calibration_tolerance,
                         "table": [r.to_dict() for r in table]},
-        "budgeted": budgeted(table, exit_mflops, sets, measure),
+        "budgeted": budgeted(table, staged, sets, measure),
     }
     summary["plots"] = [str(p) for p in plot(summary, out_dir)]
-    if update_checkpoint:
-        ckpt["calibration"] = {"confidence": measure.value, "tolerance": cfg.calibration_tolerance,
-                               "default_budget_mflops": exit_mflops[-1], "table": [r.to_dict() for r in table]}
-        ckpt["evaluation"] = {k: summary[k] for k in ("anytime", "attack", "attacked_samples", "exit_mflops")}
-        ckpt["evaluation"]["budgeted"] = summary["budgeted"]["budgets"]
-        save_checkpoint(ckpt, checkpoint)
+    if write_calibration_file:
+        evaluation = {k: summary[k] for k in ("anytime", "attack", "attacked_samples", "cost")}
+        evaluation["budgeted"] = summary["budgeted"]["budgets"]
+        path = write_calibration(Calibration(measure, cfg.calibration_tolerance, cost, tuple(table), staged[-1],
+                                             file_sha256(checkpoint), evaluation), calibration_path(checkpoint))
+        summary["calibration_file"] = str(path)
     # Written last, so eval.json is newer than the checkpoint it describes (make skips a finished step).
     (out_dir / "eval.json").write_text(json.dumps(summary, indent=2))
     log.info("wrote %s", out_dir / "eval.json")
@@ -222,16 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <checkpoint dir>/eval)")
     p.add_argument("--limit", type=int, default=None, help="attacked test samples (default: config eval_limit)")
-    p.add_argument("--no-update", action="store_true", help="do not write calibration back into the checkpoint")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="do not write calibration.json beside the checkpoint (a look only)")
     args = p.parse_args(argv)
     try:
-        summary = run_evaluation(args.checkpoint, args.out, args.limit, update_checkpoint=not args.no_update)
+        summary = run_evaluation(args.checkpoint, args.out, args.limit, write_calibration_file=not args.no_calibration)
     except (CheckpointError, DataError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     a = summary["anytime"]
-    for k, mf in enumerate(summary["exit_mflops"]):
-        log.info("exit %d (%.2f MFLOPs): clean %.4f  max-average %.4f  average %.4f", k + 1, mf, a["clean"][k],
+    for k, mf in enumerate(summary["cost"]["staged_mflops"]):
+        log.info("exit %d (%.2f staged MFLOPs): clean %.4f  max-average %.4f  average %.4f", k + 1, mf, a["clean"][k],
                  a["max-average"][k], a["average"][k])
     return 0
 

@@ -159,7 +159,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same init on every rank
     core = build_model(cfg).to(device)
-    core.exit_mflops()
+    core.cost_profile()  # measured before channels_last or DDP wrap the model
     if cfg.channels_last:
         core = core.to(memory_format=torch.channels_last)
     dataset = training_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_limit)
@@ -202,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     summary: dict[str, Any] = {
         "preset": cfg.name, "method": cfg.method.value, "steps": state.step, "samples": state.samples,
         "train_seconds": state.seconds, "train_samples_per_s": state.samples / max(state.seconds, 1e-9),
-        "exit_mflops": core.exit_mflops(), "history": history,
+        "cost": core.cost_profile().to_dict(), "history": history,
     }
     if distributed:
         hashes: list[Any] = [None] * dist.get_world_size()

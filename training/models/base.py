@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from early_exit.costs import CostProfile
+
 
 class Normalize(nn.Module):
     """Per-channel normalization held as buffers, so every caller passes [0, 1] images (RobustBench)."""
@@ -40,7 +42,7 @@ class MultiExitNetwork(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.heads = nn.ModuleList(heads)
         self.input_shape = tuple(int(s) for s in input_shape)
-        self._exit_mflops: list[float] | None = None
+        self._cost_profile: CostProfile | None = None
 
     @property
     def num_exits(self) -> int:
@@ -68,24 +70,27 @@ class MultiExitNetwork(nn.Module):
         return self.forward_exits(x)
 
     @torch.no_grad()
-    def exit_mflops(self) -> list[float]:
-        """Cumulative cost of each exit (stages 1..k plus head k) in MFLOPs, measured by torch's FlopCounterMode."""
-        if self._exit_mflops is None:
+    def cost_profile(self) -> CostProfile:
+        """Per-stage and per-head MFLOPs for one input, each counted by torch's FlopCounterMode (never typed in).
+
+        `cost_profile().staged` is what an early-exit answer at exit k costs (stages and heads 1..k),
+        `.anytime` the papers' per-exit cost (stages 1..k plus head k); see early_exit/costs.py.
+        """
+        if self._cost_profile is None:
             was_training = self.training
             self.eval()
             device = next(self.parameters()).device
             features = torch.zeros(1, *self.input_shape, device=device)
-            stage_total = 0.0
-            costs = []
+            stage_mflops, head_mflops = [], []
             for k in range(self.num_exits):
                 counter = FlopCounterMode(display=False)
                 with counter:
                     features = self.forward_stage(k, features)
-                stage_total += counter.get_total_flops()
+                stage_mflops.append(counter.get_total_flops() / 1e6)
                 counter = FlopCounterMode(display=False)
                 with counter:
                     self.forward_head(k, features)
-                costs.append((stage_total + counter.get_total_flops()) / 1e6)
+                head_mflops.append(counter.get_total_flops() / 1e6)
             self.train(was_training)
-            self._exit_mflops = costs
-        return list(self._exit_mflops)
+            self._cost_profile = CostProfile(tuple(stage_mflops), tuple(head_mflops))
+        return self._cost_profile
