@@ -19,8 +19,6 @@ _EXPORTS = {
     "ExportError": "export.errors",
     "GraphSpec": "export.onnx_export",
     "export_graphs": "export.onnx_export",
-    "open_session": "export.onnx_export",
-    "run_chain": "export.onnx_export",
     "stage_spec": "export.onnx_export",
     "AttackParams": "export.parity",
     "check_parity": "export.parity",

@@ -35,7 +35,9 @@ def _handler_option(text: str) -> tuple[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, type=Path, help="a calibrated training checkpoint (.pt)")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="the evaluation's calibration.json (default: beside the checkpoint)")
     p.add_argument("--name", required=True, help="model name (served as /predictions/NAME)")
     p.add_argument("--version", default="1.0")
     p.add_argument("--out-dir", type=Path, help="export folder (default artifacts/export/NAME)")
@@ -48,15 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=float, help="attack eps (default: the checkpoint's eval_eps)")
     p.add_argument("--step-size", type=float, help="attack step size (default: eval_step_size)")
     p.add_argument("--steps", type=int, help="attack steps (default: eval_steps)")
-    p.add_argument("--parity-json", type=Path, default=Path("bench/results/export-parity.json"))
+    p.add_argument("--parity-json", type=Path, default=None,
+                   help="also write the parity report here (it always goes to the export folder)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the checks")
     p.add_argument("--force", action="store_true", help="replace an existing export folder and archive")
-    serve = p.add_argument_group("model-config.yaml")
-    serve.add_argument("--min-workers", type=int, default=1)
-    serve.add_argument("--max-workers", type=int, default=1)
-    serve.add_argument("--batch-size", type=int, default=8)
-    serve.add_argument("--max-batch-delay", type=int, default=5, help="ms")
-    serve.add_argument("--response-timeout", type=int, default=30, help="s")
+    serve = p.add_argument_group("model-config.yaml (defaults: export.archive.ServeConfig)")
+    serve.add_argument("--min-workers", type=int)
+    serve.add_argument("--max-workers", type=int)
+    serve.add_argument("--batch-size", type=int)
+    serve.add_argument("--max-batch-delay", type=int, help="ms")
+    serve.add_argument("--response-timeout", type=int, help="s")
     serve.add_argument("--handler-option", type=_handler_option, action="append", default=[], metavar="KEY=VALUE",
                        help="set a key of the handler: section (repeatable; value parsed as YAML)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -69,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("export").setLevel(logging.WARNING if args.quiet else logging.INFO)
     # Heavy imports after parsing, so --help and argument errors are instant.
-    from export.archive import DEFAULT_HANDLER_OPTIONS, ServeConfig, build_archive
+    from export.archive import ServeConfig, build_archive
     from export.errors import ExportCheckError, ExportError
     from export.parity import AttackParams, default_attack_params
     from export.pipeline import export_checkpoint, read_checkpoint
@@ -77,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from training.checkpoint import CheckpointError
 
     try:
-        serve = ServeConfig(args.min_workers, args.max_workers, args.batch_size, args.max_batch_delay,
-                            args.response_timeout, {**DEFAULT_HANDLER_OPTIONS, **dict(args.handler_option)})
-        serve.validate()
+        given = {k: getattr(args, k) for k in ("min_workers", "max_workers", "batch_size", "max_batch_delay",
+                                                "response_timeout") if getattr(args, k) is not None}
+        serve = ServeConfig.from_values(handler=dict(args.handler_option), **given)
         if not args.handler.is_file():
             raise ExportError(f"handler {args.handler} does not exist")
         mar = args.model_store / f"{args.name}.mar"
@@ -97,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = export_checkpoint(
             args.checkpoint, args.out_dir or Path("artifacts/export") / args.name, args.name, args.version,
             opset=args.opset, adv_samples=args.adv_samples, data_dir=args.data_dir, attack_params=attack_params,
-            parity_json=args.parity_json, force=args.force, threads=args.threads,
+            calibration_file=args.calibration, parity_json=args.parity_json, force=args.force, threads=args.threads,
         )
         path = build_archive(result.out_dir, args.model_store, args.name, args.version, args.handler,
                              serve_config=serve, force=args.force)

@@ -3,8 +3,8 @@
 torch-model-archiver 0.12.0 copies each `--extra-files` entry into the archive
 root, and for a directory it copies the directory's *contents* (sub-folders kept
 whole). So we stage one payload folder holding the graphs, manifest.json and the
-torch-free packages the handler imports (`early_exit/`) and pass that: the
-archive root then holds `early_exit/` as an importable package. The archiver
+torch-free packages the handler imports (`early_exit/`, `serving/`) and pass
+that: the archive root then holds them as importable packages. The archiver
 stages its copy in `$TMPDIR/<model name>` (removing whatever was there), so it
 runs in a subprocess with a private TMPDIR; its output goes to a temporary
 folder and is renamed into place only after the archive was verified.
@@ -19,15 +19,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 import early_exit
+import serving
 from early_exit.manifest import MANIFEST_NAME, Manifest, load_manifest, verify_files
 from export.errors import ExportError
+from serving.options import HandlerOptions, OptionsError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +37,43 @@ DEFAULT_HANDLER = Path("serving/handler.py")
 MODEL_CONFIG_NAME = "model-config.yaml"
 MAR_MANIFEST = "MAR-INF/MANIFEST.json"
 EARLY_EXIT_DIR = Path(early_exit.__file__).resolve().parent
-DEFAULT_HANDLER_OPTIONS: dict[str, Any] = {"max_payload_bytes": 1_048_576, "top_k": 5, "intra_op_threads": 1}
+SERVING_DIR = Path(serving.__file__).resolve().parent
 _UNSAFE_FOR_ARCHIVER = set(",*?[]")  # --extra-files is split on commas and globbed
 
 
-@dataclass
-class ServeConfig:
-    """`model-config.yaml`: TorchServe's per-model settings plus the `handler:` section the handler reads."""
+Count = Annotated[int, Field(strict=True, ge=1)]
 
-    min_workers: int = 1
-    max_workers: int = 1
-    batch_size: int = 8
-    max_batch_delay: int = 5  # ms
-    response_timeout: int = 30  # s
-    handler: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_HANDLER_OPTIONS))
 
-    def validate(self) -> None:
-        if self.min_workers < 1 or self.max_workers < self.min_workers:
-            raise ExportError(f"workers must satisfy 1 <= min ({self.min_workers}) <= max ({self.max_workers})")
-        if self.batch_size < 1 or self.max_batch_delay < 0 or self.response_timeout < 1:
-            raise ExportError("batch size and response timeout must be >= 1 and max batch delay >= 0")
+class ServeConfig(BaseModel):
+    """`model-config.yaml`: TorchServe's per-model settings plus the `handler:` section the handler reads.
+
+    Validated by pydantic like the handler options (serving/options.py), each default written once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_workers: Count = 1
+    max_workers: Count = 1
+    batch_size: Count = 8
+    max_batch_delay: Annotated[int, Field(strict=True, ge=0)] = 5  # ms
+    response_timeout: Count = 30  # s
+    handler: HandlerOptions = HandlerOptions()
+
+    @model_validator(mode="after")
+    def _workers(self) -> "ServeConfig":
+        if self.max_workers < self.min_workers:
+            raise ValueError(f"max_workers ({self.max_workers}) is below min_workers ({self.min_workers})")
+        return self
+
+    @classmethod
+    def from_values(cls, handler: dict[str, Any] | None = None, **values: Any) -> "ServeConfig":
+        """Validate; any problem (here or in the handler section) is one ExportError line."""
+        try:
+            return cls(handler=HandlerOptions.from_config(handler), **values)
+        except OptionsError as exc:
+            raise ExportError(str(exc)) from None
+        except ValidationError as exc:
+            raise ExportError(validation_message(exc, "model-config.yaml")) from None
 
     def to_yaml_dict(self) -> dict[str, Any]:
         return {
@@ -63,12 +82,11 @@ class ServeConfig:
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay,
             "responseTimeout": self.response_timeout,
-            "handler": dict(self.handler),
+            "handler": self.handler.to_config(),
         }
 
 
 def write_model_config(config: ServeConfig, folder: str | Path) -> Path:
-    config.validate()
     path = Path(folder) / MODEL_CONFIG_NAME
     path.write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
     return path
@@ -92,7 +110,7 @@ def build_archive(
     handler_path: str | Path = DEFAULT_HANDLER,
     *,
     serve_config: ServeConfig | None = None,
-    packages: Sequence[str | Path] = (EARLY_EXIT_DIR,),
+    packages: Sequence[str | Path] = (EARLY_EXIT_DIR, SERVING_DIR),
     extra_files: Sequence[str | Path] = (),
     force: bool = False,
 ) -> Path:
@@ -125,7 +143,7 @@ def build_archive(
         for folder in (payload, out, tmp):
             folder.mkdir()
         for f in [MANIFEST_NAME, *(e.file for e in manifest.exits)] + (
-                [manifest.full_graph["file"]] if manifest.full_graph else []):
+                [manifest.full_graph.file] if manifest.full_graph else []):
             shutil.copy2(export_dir / f, payload / f)
         for pkg in packages:
             _copy_package(Path(pkg).resolve(), payload / Path(pkg).resolve().name)
@@ -177,8 +195,10 @@ def verify_archive(mar_path: str | Path, handler: str | None = None) -> Manifest
             if MAR_MANIFEST not in names:
                 raise ExportError(f"{mar_path} has no {MAR_MANIFEST}")
             model = json.loads(z.read(MAR_MANIFEST)).get("model", {})
-            expected = [model.get("handler"), model.get("configFile"), MANIFEST_NAME, "early_exit/__init__.py",
-                        "early_exit/manifest.py", "early_exit/policy.py"]
+            expected = [model.get("handler"), model.get("configFile"), MANIFEST_NAME,
+                        *(f"early_exit/{m}.py" for m in ("__init__", "costs", "manifest", "policy", "runner")),
+                        *(f"serving/{m}.py" for m in ("__init__", "budget", "decoding", "metrics", "options",
+                                                       "rejections"))]
             if handler is not None and model.get("handler") != handler:
                 raise ExportError(f"{mar_path} names handler {model.get('handler')!r}, expected {handler!r}")
             missing = [n for n in expected if not n or n not in names]

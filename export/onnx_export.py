@@ -1,20 +1,18 @@
-"""Per-stage ONNX graphs of a multi-exit network, and the onnxruntime side of running them.
+"""Per-stage ONNX graphs of a multi-exit network.
 
 Stage k (1-based) maps features_{k-1} to (features_k, logits_k); the last stage
-returns logits only. A sample that leaves at exit k has then paid exactly the
-cost of exit k (docs/design.md, "Why stages and not prefixes"). The exporter
-walks `forward_stage`/`forward_head` and knows no architecture by name.
+returns logits only. A sample that leaves at exit k has then paid stages 1..k
+and heads 1..k, its staged cost (docs/design.md, "Why stages and not prefixes").
+The exporter walks `forward_stage`/`forward_head` and knows no architecture by
+name. Running the graphs is early_exit/runner.py's job.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -167,29 +165,3 @@ def check_graph(path: Path, spec: GraphSpec, opset: int) -> None:
         raise ExportCheckError(f"{spec.file} uses opset {default_opset}, asked for {opset}")
     if any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer):
         raise ExportCheckError(f"{spec.file} refers to external data; weights must be inside the file")
-
-
-def open_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU session; few threads because export shares the machine (and the handler picks its own)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def run_stage(session: ort.InferenceSession, spec: GraphSpec, x: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-    """(features or None, logits) of one graph."""
-    outputs = session.run(list(spec.output_names), {spec.input_name: np.ascontiguousarray(x, dtype=np.float32)})
-    return (outputs[0], outputs[1]) if len(outputs) == 2 else (None, outputs[0])
-
-
-def run_chain(sessions: Sequence[ort.InferenceSession], specs: Sequence[GraphSpec], x: np.ndarray) -> list[np.ndarray]:
-    """Logits of every exit, feeding each stage graph the features of the one before."""
-    logits = []
-    features: np.ndarray | None = x
-    for session, spec in zip(sessions, specs):
-        if features is None:
-            raise ExportCheckError(f"{spec.file} follows a stage that returned no features")
-        features, out = run_stage(session, spec, features)
-        logits.append(out)
-    return logits

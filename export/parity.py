@@ -14,8 +14,8 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
+from early_exit.runner import FullGraphRunner, StagedRunner
 from export.errors import ExportError
-from export.onnx_export import GraphSpec, run_chain, run_stage
 from training.models import MultiExitNetwork
 
 log = logging.getLogger(__name__)
@@ -113,40 +113,48 @@ def _summarize(entry: dict[str, Any], atol: float, what: str, failures: list[str
     return entry
 
 
+def _run_graph(session: ort.InferenceSession, input_name: str, x: np.ndarray) -> list[np.ndarray]:
+    """One graph on its own (no chaining): its outputs in the graph's order."""
+    return session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})
+
+
 def check_parity(
     model: MultiExitNetwork,
-    stage_sessions: Sequence[ort.InferenceSession],
-    stage_specs: Sequence[GraphSpec],
-    full_session: ort.InferenceSession | None = None,
-    full: GraphSpec | None = None,
+    runner: StagedRunner,
+    full_runner: FullGraphRunner | None = None,
     batch_sizes: Sequence[int] = PARITY_BATCH_SIZES,
     atol: float = PARITY_ATOL,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every stage alone (fed PyTorch's features), the chain of stages, and the full graph, per batch size.
+    """Every stage alone (fed PyTorch's features), the chain of stages (the staged runner, as served), and
+    the full graph, per batch size.
 
     Returns a JSON-ready report with `passed` and `failures`; it raises nothing, so a failed report can
     still be written out for inspection.
     """
     model.eval()
     x = torch.rand(max(batch_sizes), *model.input_shape, generator=torch.Generator().manual_seed(seed))
-    stages: list[dict[str, Any]] = [{"exit": s.index, "file": s.file, "by_batch": {}} for s in stage_specs]
-    chain: list[dict[str, Any]] = [{"exit": s.index, "by_batch": {}} for s in stage_specs]
-    full_entry: dict[str, Any] | None = {"file": full.file, "by_batch": {}} if full is not None else None
+    exits = runner.manifest.exits
+    stages: list[dict[str, Any]] = [{"exit": e.index, "file": e.file, "by_batch": {}} for e in exits]
+    chain: list[dict[str, Any]] = [{"exit": e.index, "by_batch": {}} for e in exits]
+    full_entry: dict[str, Any] | None = None
+    if full_runner is not None:
+        full_entry = {"file": full_runner.spec.file, "by_batch": {}}
     for b in tqdm(batch_sizes, desc="parity", unit="batch", disable=None):
         inputs, logits = _torch_outputs(model, x[:b])
-        for k, (session, spec) in enumerate(zip(stage_sessions, stage_specs)):
-            features, out = run_stage(session, spec, inputs[k].numpy())
-            diff, agree = _compare(out, logits[k])
+        for k, (session, spec) in enumerate(zip(runner.sessions, exits)):
+            outputs = dict(zip([o.name for o in session.get_outputs()],
+                               _run_graph(session, spec.input_name, inputs[k].numpy())))
+            diff, agree = _compare(outputs[spec.logits_name], logits[k])
             row = {"max_abs_diff_logits": diff, "argmax_agreement": agree}
-            if features is not None:
-                row["max_abs_diff_features"] = float(np.abs(features - inputs[k + 1].numpy()).max())
+            if spec.features_name is not None:
+                row["max_abs_diff_features"] = float(np.abs(outputs[spec.features_name] - inputs[k + 1].numpy()).max())
             stages[k]["by_batch"][str(b)] = row
-        for k, out in enumerate(run_chain(stage_sessions, stage_specs, x[:b].numpy())):
+        for k, out in enumerate(runner.exit_logits(x[:b].numpy())):
             diff, agree = _compare(out, logits[k])
             chain[k]["by_batch"][str(b)] = {"max_abs_diff_logits": diff, "argmax_agreement": agree}
-        if full_entry is not None and full_session is not None and full is not None:
-            _, out = run_stage(full_session, full, x[:b].numpy())
+        if full_entry is not None and full_runner is not None:
+            out = _run_graph(full_runner.session, full_runner.spec.input_name, x[:b].numpy())[0]
             diff, agree = _compare(out, logits[-1])
             full_entry["by_batch"][str(b)] = {"max_abs_diff_logits": diff, "argmax_agreement": agree}
     failures: list[str] = []
@@ -177,15 +185,14 @@ def _batched(n: int, batch_size: int) -> list[slice]:
 
 def check_robustness(
     model: MultiExitNetwork,
-    stage_sessions: Sequence[ort.InferenceSession],
-    stage_specs: Sequence[GraphSpec],
+    runner: StagedRunner,
     x: torch.Tensor,
     y: torch.Tensor,
     attack: Attack,
     tolerance: float = ACCURACY_TOLERANCE,
     batch_size: int = 250,
 ) -> dict[str, Any]:
-    """Per-exit accuracy of the chained ONNX graphs against PyTorch, on `x` and on `attack(x, y)`.
+    """Per-exit accuracy of the chained ONNX graphs (the staged runner) against PyTorch, on `x` and `attack(x, y)`.
 
     The adversarial set is built against the PyTorch model: robustness survives export when the
     graphs answer it as the model does (within `tolerance`, a fraction: 0.001 is 0.1 point).
@@ -199,8 +206,7 @@ def check_robustness(
     failures: list[str] = []
     for name, data in (("clean", x), ("adversarial", adv)):
         torch_logits = [torch.cat(parts).numpy() for parts in zip(*(_torch_outputs(model, data[s])[1] for s in slices))]
-        onnx_logits = [np.concatenate(parts) for parts in zip(*(run_chain(stage_sessions, stage_specs, data[s].numpy())
-                                                               for s in slices))]
+        onnx_logits = [np.concatenate(parts) for parts in zip(*(runner.exit_logits(data[s].numpy()) for s in slices))]
         acc_torch, acc_onnx = _accuracies(torch_logits, labels), _accuracies(onnx_logits, labels)
         agreement = [float((a.argmax(-1) == b.argmax(-1)).mean()) for a, b in zip(torch_logits, onnx_logits)]
         report[name] = {"torch": acc_torch, "onnx": acc_onnx, "argmax_agreement": agreement}

@@ -23,21 +23,22 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from early_exit.costs import CostProfile
 from early_exit.manifest import (
     MANIFEST_NAME,
-    ExitSpec,
+    FullGraphSpec,
     Manifest,
     ManifestError,
+    exit_specs,
     load_manifest,
     manifest_from_dict,
     sha256_file,
     verify_files,
     write_manifest,
 )
-from early_exit.policy import BudgetEntry, ConfidenceMeasure
+from early_exit.runner import FullGraphRunner, StagedRunner
 from export.errors import ExportCheckError, ExportError
-from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, GraphSpec, check_graph, export_graphs, full_spec, \
-    open_session, stage_spec
+from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, GraphSpec, check_graph, export_graphs, full_spec, stage_spec
 from export.parity import (
     ACCURACY_TOLERANCE,
     PARITY_ATOL,
@@ -50,6 +51,7 @@ from export.parity import (
     load_test_subset,
     max_average_pgd,
 )
+from training.calibrate import Calibration, CalibrationError, calibration_path, read_calibration
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from training.models import MultiExitNetwork
 
@@ -67,7 +69,7 @@ class ExportResult:
     out_dir: Path
     manifest: Manifest
     report: dict[str, Any]  # the parity/robustness report (also written as export-parity.json)
-    parity_json: Path | None  # the extra copy asked for (e.g. bench/results/export-parity.json)
+    parity_json: Path | None  # the extra copy asked for (a benchmark's results folder)
 
     @property
     def manifest_path(self) -> Path:
@@ -109,10 +111,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], MultiExitNetwork]:
-    """Load and rebuild; every problem with the file is a one-line CheckpointError."""
+    """Load and rebuild; every problem with the file is a one-line CheckpointError.
+
+    The cost profile is measured again on the rebuilt model and must match the checkpoint's.
+    """
     path = Path(path)
     ckpt = load_checkpoint(path)
-    missing = [k for k in ("model_name", "model_args", "state_dict", "exit_mflops", "dataset") if k not in ckpt]
+    missing = [k for k in ("model_name", "model_args", "state_dict", "cost", "dataset") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     try:
@@ -125,56 +130,55 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], MultiExitNetwork]
     if tuple(int(s) for s in dataset["input_shape"]) != tuple(model.input_shape):
         raise CheckpointError(f"{path}: dataset input_shape {list(dataset['input_shape'])} does not match "
                               f"the model's {list(model.input_shape)}")
-    if len(ckpt["exit_mflops"]) != model.num_exits:
-        raise CheckpointError(f"{path}: {len(ckpt['exit_mflops'])} exit costs for {model.num_exits} exits")
+    if CostProfile.from_dict(ckpt["cost"]) != model.cost_profile():
+        raise CheckpointError(f"{path}: its cost profile does not match the model's measured one")
     with torch.no_grad():
         num_classes = model(torch.zeros(1, *model.input_shape))[-1].shape[-1]
     if len(dataset["classes"]) != num_classes:
         raise CheckpointError(f"{path}: {len(dataset['classes'])} class names for {num_classes} outputs")
-    if not ckpt.get("calibration"):
-        raise CheckpointError(f"{path} has no calibration table; calibrate the model before exporting it")
     return ckpt, model
 
 
 def build_manifest(
-    ckpt: dict[str, Any], specs: Sequence[GraphSpec], name: str, version: str, opset: int,
-    sha256: dict[str, str], extra: dict[str, Any] | None = None,
+    ckpt: dict[str, Any], calibration: Calibration, cost: CostProfile, specs: Sequence[GraphSpec], name: str,
+    version: str, opset: int, sha256: dict[str, str], extra: dict[str, Any] | None = None,
 ) -> Manifest:
-    """The manifest from checkpoint fields and graph specs (`sha256`: file name -> digest), validated."""
-    cal = ckpt["calibration"]
-    costs = [float(c) for c in ckpt["exit_mflops"]]
+    """The manifest from checkpoint fields, the evaluation's calibration, the measured cost profile and
+    the graph specs (`sha256`: file name -> digest), validated exactly as serving will parse it."""
     stage_specs = [s for s in specs if s.index is not None]
     full = next((s for s in specs if s.index is None), None)
+    graphs = [{"index": s.index, "file": s.file, "sha256": sha256[s.file], "input_name": s.input_name,
+               "logits_name": s.logits_name, "features_name": s.features_name} for s in stage_specs]
+    if calibration.cost != cost:
+        raise CheckpointError("calibration.json was computed for other exit costs than this model's; "
+                              "re-run the evaluation")
     try:
         d = Manifest(
             name=name,
             version=version,
             dataset=str(ckpt["dataset"]["name"]),
             input_shape=tuple(int(s) for s in ckpt["dataset"]["input_shape"]),
+            input_background=float(ckpt["dataset"].get("background", 0.0)),
             classes=tuple(str(c) for c in ckpt["dataset"]["classes"]),
-            confidence=ConfidenceMeasure(cal["confidence"]),
-            exits=tuple(
-                ExitSpec(index=s.index, file=s.file, sha256=sha256[s.file], mflops=costs[s.index - 1],
-                         input_name=s.input_name, logits_name=s.logits_name, features_name=s.features_name)
-                for s in stage_specs
-            ),
-            calibration=tuple(BudgetEntry.from_dict(r) for r in cal["table"]),
-            default_budget_mflops=float(cal["default_budget_mflops"]),
+            confidence=calibration.confidence,
+            exits=exit_specs(cost, graphs),
+            calibration=calibration.table,
+            default_budget_mflops=calibration.default_budget_mflops,
             opset=opset,
-            full_graph=None if full is None else {
-                "file": full.file, "sha256": sha256[full.file], "mflops": costs[-1],
-                "input_name": full.input_name, "logits_name": full.logits_name,
-            },
+            full_graph=None if full is None else FullGraphSpec(
+                file=full.file, sha256=sha256[full.file], mflops=cost.full, input_name=full.input_name,
+                logits_name=full.logits_name),
             versions=versions(),
-            evaluation=jsonable(ckpt.get("evaluation") or {}),
-            extra=jsonable({"calibration_tolerance": cal.get("tolerance"), **(extra or {})}),
+            evaluation=jsonable(calibration.evaluation),
+            extra=jsonable({"calibration_tolerance": calibration.tolerance, **(extra or {})}),
         ).to_dict()
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint calibration is malformed ({type(exc).__name__}: {_first_line(exc)})") from exc
+        raise CheckpointError(f"checkpoint dataset entry is malformed ({type(exc).__name__}: {_first_line(exc)})"
+                              ) from exc
     try:
         return manifest_from_dict(json.loads(json.dumps(d)))  # exactly what serving will parse
     except ManifestError as exc:
-        raise CheckpointError(f"checkpoint does not make a valid manifest: {exc}") from exc
+        raise CheckpointError(f"checkpoint and calibration do not make a valid manifest: {exc}") from exc
 
 
 def _write_json(data: dict[str, Any], path: Path) -> Path:
@@ -218,12 +222,16 @@ def export_checkpoint(
     attack_factory: AttackFactory | None = None,
     attack_params: AttackParams | None = None,
     accuracy_tolerance: float = ACCURACY_TOLERANCE,
+    calibration_file: str | Path | None = None,
     parity_json: str | Path | None = None,
     force: bool = False,
     threads: int = 1,
     seed: int = 0,
 ) -> ExportResult:
     """Export, check and describe a checkpoint; raises CheckpointError/ExportError/ExportCheckError.
+
+    The calibration comes from `calibration_file` (default: calibration.json beside the checkpoint, written
+    by training.evaluate for exactly these weights).
 
     The robustness check attacks `adv_data` if given, else the first `adv_samples` test images of the
     checkpoint's dataset under `data_dir`; `adv_samples=0` without `adv_data` skips it (logged, and
@@ -239,9 +247,15 @@ def export_checkpoint(
         raise ExportError(f"parity batch sizes must be positive, got {list(batch_sizes)}")
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     ckpt, model = read_checkpoint(checkpoint_path)
+    try:
+        calibration = read_calibration(calibration_file or calibration_path(checkpoint_path), checkpoint_path)
+    except CalibrationError as exc:
+        raise CheckpointError(str(exc)) from None
+    cost = model.cost_profile()
     num_exits = model.num_exits
     specs = [stage_spec(k, num_exits) for k in range(num_exits)] + [full_spec()]
-    build_manifest(ckpt, specs, name, str(version), opset, {s.file: _PLACEHOLDER_SHA for s in specs})  # fail fast
+    build_manifest(ckpt, calibration, cost, specs, name, str(version), opset,
+                   {s.file: _PLACEHOLDER_SHA for s in specs})  # fail fast, before any export work
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
 
@@ -261,23 +275,26 @@ def export_checkpoint(
         export_graphs(model, staging, opset)
         for spec in specs:
             check_graph(staging / spec.file, spec, opset)
-        sessions = [open_session(staging / s.file, threads) for s in specs]
-        parity = check_parity(model, sessions[:-1], specs[:-1], sessions[-1], specs[-1], batch_sizes, atol, seed)
+        sha256 = {s.file: sha256_file(staging / s.file) for s in specs}
+        extra = {"architecture": ckpt["model_name"], "model_args": ckpt["model_args"],
+                 "checkpoint_sha256": calibration.checkpoint_sha256}
+        manifest = build_manifest(ckpt, calibration, cost, specs, name, str(version), opset, sha256, extra)
+        runner = StagedRunner.from_folder(manifest, staging, threads)  # the runner the server will use
+        full_runner = FullGraphRunner.from_folder(manifest, staging, threads)
+        parity = check_parity(model, runner, full_runner, batch_sizes, atol, seed)
         if attack is not None and adv_data is not None:
             torch.manual_seed(seed)  # attacks without their own generator stay reproducible
-            robustness = check_robustness(model, sessions[:-1], specs[:-1], adv_data[0], adv_data[1], attack,
-                                          accuracy_tolerance)
+            robustness = check_robustness(model, runner, adv_data[0], adv_data[1], attack, accuracy_tolerance)
             robustness["attack"] = attack_info
         else:
             robustness = {"skipped": True, "passed": True, "failures": []}
-        sha256 = {s.file: sha256_file(staging / s.file) for s in specs}
         report = {
             "model": name,
             "version": str(version),
             "architecture": ckpt["model_name"],
             "dataset": ckpt["dataset"]["name"],
             "checkpoint": str(checkpoint_path),
-            "checkpoint_sha256": sha256_file(checkpoint_path),
+            "checkpoint_sha256": calibration.checkpoint_sha256,
             "opset": opset,
             "versions": versions(),
             "graphs": {f: {"sha256": h, "bytes": (staging / f).stat().st_size} for f, h in sha256.items()},
@@ -292,13 +309,8 @@ def export_checkpoint(
             where = f"; see {written}" if written else ""
             raise ExportCheckError(f"export check failed: {failures[0]}{more}{where}")
         _write_json(report, staging / REPORT_NAME)
-        extra = {
-            "architecture": ckpt["model_name"],
-            "model_args": ckpt["model_args"],
-            "checkpoint_sha256": report["checkpoint_sha256"],
-            "parity_max_abs_diff": max(e["max_abs_diff_logits"] for e in parity["stages"] + parity["chain"]),
-        }
-        manifest = build_manifest(ckpt, specs, name, str(version), opset, sha256, extra)
+        extra["parity_max_abs_diff"] = max(e["max_abs_diff_logits"] for e in parity["stages"] + parity["chain"])
+        manifest = build_manifest(ckpt, calibration, cost, specs, name, str(version), opset, sha256, extra)
         write_manifest(manifest, staging)
         verify_files(load_manifest(staging), staging)
         _replace_dir(staging, out_dir)

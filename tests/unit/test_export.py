@@ -18,10 +18,20 @@ import yaml
 from early_exit.manifest import ManifestError, load_manifest, sha256_file, verify_files
 from export.archive import ServeConfig, build_archive, read_mar_manifest, verify_archive
 from export.errors import ExportCheckError, ExportError
-from export.onnx_export import open_session, run_chain, stage_spec
+from early_exit.runner import StagedRunner, open_session
 from export.parity import AttackParams, check_parity, check_robustness
 from export.pipeline import ExportResult, export_checkpoint
-from training.calibrate import ExitOutputs, calibrate_table
+from serving.options import HandlerOptions
+from training.calibrate import (
+    Calibration,
+    ExitOutputs,
+    calibrate_table,
+    calibration_path,
+    file_sha256,
+    read_calibration,
+    write_calibration,
+)
+from early_exit.policy import ConfidenceMeasure
 from training.checkpoint import make_checkpoint, model_from_checkpoint, save_checkpoint
 from training.models import create_model, list_models
 
@@ -33,11 +43,13 @@ ADV_N = 32
 
 def _dataset(shape: tuple[int, ...]) -> dict[str, Any]:
     name = "mnist" if shape[0] == 1 else "cifar10"
-    return {"name": name, "input_shape": list(shape), "classes": [f"class-{i}" for i in range(10)]}
+    return {"name": name, "input_shape": list(shape), "classes": [f"class-{i}" for i in range(10)],
+            "background": 0.0}
 
 
 def make_calibrated_checkpoint(arch: str, path: Path, calibrated: bool = True, seed: int = 0) -> Path:
-    """An untrained model with a real calibration table fitted on random validation data."""
+    """An untrained model, and beside it the calibration.json evaluation would write (a real table fitted on
+    random validation data)."""
     torch.manual_seed(seed)
     model = create_model(arch, **SMALL_ARGS.get(arch, {})).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -45,14 +57,14 @@ def make_calibrated_checkpoint(arch: str, path: Path, calibrated: bool = True, s
     y = torch.randint(0, 10, (64,), generator=gen)
     with torch.no_grad():
         logits = [out.numpy() for out in model(x)]
-    costs = model.exit_mflops()
-    table = calibrate_table(ExitOutputs.from_logits(logits, y.numpy()), costs, tolerance=0.01)
-    ckpt = make_checkpoint(model, _dataset(model.input_shape), {"seed": seed},
-                           evaluation={"clean_accuracy": [0.1] * model.num_exits, "note": "untrained"})
+    cost = model.cost_profile()
+    table = calibrate_table(ExitOutputs.from_logits(logits, y.numpy()), cost.staged, tolerance=0.01)
+    save_checkpoint(make_checkpoint(model, _dataset(model.input_shape), {"seed": seed}), path)
     if calibrated:
-        ckpt["calibration"] = {"confidence": "max_prob", "tolerance": 0.01, "default_budget_mflops": costs[-1],
-                               "table": [row.to_dict() for row in table]}
-    return save_checkpoint(ckpt, path)
+        write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.01, cost, tuple(table), cost.staged[-1],
+                                      file_sha256(path), {"clean_accuracy": [0.1] * model.num_exits,
+                                                          "note": "untrained"}), calibration_path(path))
+    return path
 
 
 def adv_data(shape: tuple[int, ...], n: int = ADV_N) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,14 +119,13 @@ def test_parity_of_every_stage_and_the_chain(exported: tuple[Path, ExportResult]
 
     # An independent look at the files that were shipped: the chain from disk matches PyTorch.
     model = _model(ckpt)
-    specs = [stage_spec(i, k) for i in range(k)]
-    sessions = [open_session(result.out_dir / s.file) for s in specs]
+    runner = StagedRunner.from_folder(load_manifest(result.out_dir), result.out_dir)
     full = open_session(result.out_dir / "full.onnx")
     for b in (1, 7, 64):
         x = torch.rand(b, *model.input_shape)
         with torch.no_grad():
             ref = [out.numpy() for out in model(x)]
-        got = run_chain(sessions, specs, x.numpy())
+        got = runner.exit_logits(x.numpy())
         got_full = full.run(["logits"], {"image": x.numpy()})[0]
         for r, g in zip(ref + [ref[-1]], got + [got_full]):
             assert g.shape == r.shape
@@ -145,23 +156,27 @@ def test_manifest_schema(exported: tuple[Path, ExportResult]) -> None:
     m = load_manifest(result.out_dir)
     verify_files(m, result.out_dir)
     raw = json.loads((result.out_dir / "manifest.json").read_text())
-    assert raw["format_version"] == 1 and raw["input_range"] == [0.0, 1.0]
+    assert raw["format_version"] == 2 and raw["input_range"] == [0.0, 1.0] and raw["input_background"] == 0.0
     assert (m.name, m.version, m.dataset) == (result.manifest.name, "2.1", ckpt["dataset"]["name"])
     assert list(m.input_shape) == ckpt["dataset"]["input_shape"]
     assert list(m.classes) == ckpt["dataset"]["classes"]
     assert m.confidence.value == "max_prob" and m.opset == 18
-    assert m.exit_mflops == pytest.approx(ckpt["exit_mflops"])
-    assert [r.to_dict() for r in m.calibration] == ckpt["calibration"]["table"]
-    assert m.default_budget_mflops == ckpt["calibration"]["default_budget_mflops"]
+    calibration = read_calibration(calibration_path(ckpt_path), ckpt_path)
+    assert m.cost == calibration.cost == _model(ckpt_path).cost_profile()
+    assert m.staged_mflops == pytest.approx(ckpt["cost"]["staged_mflops"])
+    assert m.calibration == calibration.table
+    assert m.default_budget_mflops == calibration.default_budget_mflops == m.staged_mflops[-1]
     for e in m.exits:
         assert e.sha256 == sha256_file(result.out_dir / e.file)
         assert e.file == f"stage_{e.index}.onnx" and e.logits_name == f"logits_{e.index}"
         assert e.input_name == ("image" if e.index == 1 else f"features_{e.index - 1}")
     assert m.exits[-1].features_name is None
-    assert m.full_graph is not None and m.full_graph["file"] == "full.onnx"
-    assert m.full_graph["sha256"] == sha256_file(result.out_dir / "full.onnx")
+    assert m.full_graph is not None and m.full_graph.file == "full.onnx"
+    assert m.full_graph.sha256 == sha256_file(result.out_dir / "full.onnx")
+    assert m.full_graph.mflops == pytest.approx(m.cost.anytime[-1])
+    assert m.full_graph.mflops < m.staged_mflops[-1]
     assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= set(m.versions)
-    assert m.evaluation == ckpt["evaluation"]
+    assert m.evaluation == calibration.evaluation
     assert m.extra["architecture"] == ckpt["model_name"] and m.extra["calibration_tolerance"] == 0.01
 
 
@@ -204,7 +219,7 @@ def test_failed_check_fails_the_export(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ExportCheckError, match="stage_1.onnx alone"):
         export_checkpoint(ckpt, tmp_path / "out", "broken", adv_samples=0, parity_json=tmp_path / "p.json")
     assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "p.json"]  # no staging folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json", "m.pt", "p.json"]  # no staging left
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["passed"] is False and report["parity"]["failures"]
 
@@ -213,19 +228,18 @@ def test_checks_catch_a_different_model(exported: tuple[Path, ExportResult]) -> 
     ckpt, result = exported
     model = _model(ckpt)
     k = result.manifest.num_exits
-    specs = [stage_spec(i, k) for i in range(k)]
-    sessions = [open_session(result.out_dir / s.file) for s in specs]
+    runner = StagedRunner.from_folder(load_manifest(result.out_dir), result.out_dir)
     x, _ = adv_data(model.input_shape, 16)
-    y = torch.from_numpy(run_chain(sessions, specs, x.numpy())[-1].argmax(-1))  # ONNX is always right at exit K
+    y = torch.from_numpy(runner.exit_logits(x.numpy())[-1].argmax(-1))  # ONNX is always right at exit K
     identity = lambda xb, yb: xb  # noqa: E731 - the attack does not matter here
-    assert check_robustness(model, sessions, specs, x, y, identity)["passed"]
+    assert check_robustness(model, runner, x, y, identity)["passed"]
     with torch.no_grad():
         for p in model.heads[-1].parameters():
             p.mul_(-1.0)  # flips the final exit's decisions
-    report = check_robustness(model, sessions, specs, x, y, identity)
+    report = check_robustness(model, runner, x, y, identity)
     assert not report["passed"] and any(f"exit {k}:" in f for f in report["failures"])
     assert report["clean"]["onnx"][-1] == 1.0 > report["clean"]["torch"][-1]
-    parity = check_parity(model, sessions, specs, batch_sizes=(7,))
+    parity = check_parity(model, runner, batch_sizes=(7,))
     assert not parity["passed"] and any(f"chain to exit {k}" in f for f in parity["failures"])
 
 
@@ -253,7 +267,7 @@ def test_cli_user_errors_are_one_line(kind: str, tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     expected = {"missing": "does not exist", "plain-dict": "not a robust-early-exit checkpoint",
-                "text": "not a readable torch checkpoint", "uncalibrated": "no calibration"}[kind]
+                "text": "not a readable torch checkpoint", "uncalibrated": "evaluate the checkpoint first"}[kind]
     assert expected in lines[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "p.json").exists()
 
@@ -275,7 +289,7 @@ def test_cli_exports_reproducibly(export_of: Callable[[str], tuple[Path, ExportR
     assert out == str(tmp_path / "store" / f"{first.manifest.name}.mar") and Path(out).is_file()
     again = load_manifest(tmp_path / "out")
     assert [e.sha256 for e in again.exits] == [e.sha256 for e in first.manifest.exits]
-    assert again.full_graph["sha256"] == first.manifest.full_graph["sha256"]
+    assert again.full_graph.sha256 == first.manifest.full_graph.sha256
     assert json.loads((tmp_path / "p.json").read_text())["robustness"]["skipped"] is True
     with zipfile.ZipFile(out) as z:
         config = yaml.safe_load(z.read("model-config.yaml"))
@@ -304,7 +318,7 @@ def test_archive_is_self_contained(export_of: Callable[[str], tuple[Path, Export
                                    tmp_path: Path) -> None:
     _, result = export_of("smallcnn")
     store = tmp_path / "store"
-    cfg = ServeConfig(max_workers=2, batch_size=4, handler={"top_k": 2, "max_payload_bytes": 4096})
+    cfg = ServeConfig.from_values(max_workers=2, batch_size=4, handler={"top_k": 2, "max_payload_bytes": 4096})
     mar = build_archive(result.out_dir, store, handler_path=handler, serve_config=cfg)
     assert mar == store / "test-smallcnn.mar"
     assert [p.name for p in store.iterdir()] == ["test-smallcnn.mar"]  # no staging folder left
@@ -313,14 +327,16 @@ def test_archive_is_self_contained(export_of: Callable[[str], tuple[Path, Export
         names = set(z.namelist())
         expected = {"MAR-INF/MANIFEST.json", "handler.py", "model-config.yaml", "manifest.json", "full.onnx",
                     "early_exit/__init__.py", "early_exit/manifest.py", "early_exit/policy.py",
+                    "early_exit/runner.py", "early_exit/costs.py", "serving/__init__.py", "serving/decoding.py",
                     *(f"stage_{i}.onnx" for i in range(1, k + 1))}
         assert expected <= names
-        assert all(n.startswith("early_exit/") and n.endswith(".py") for n in names - expected), names - expected
+        assert all(n.startswith(("early_exit/", "serving/")) for n in names - expected), names - expected
+        assert not any("__pycache__" in n for n in names)
         assert z.read("early_exit/policy.py") == (REPO / "early_exit" / "policy.py").read_bytes()
         assert z.read("manifest.json") == (result.out_dir / "manifest.json").read_bytes()
         assert yaml.safe_load(z.read("model-config.yaml")) == {
             "minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30,
-            "handler": {"top_k": 2, "max_payload_bytes": 4096}}
+            "handler": HandlerOptions(top_k=2, max_payload_bytes=4096).to_config()}
         z.extractall(tmp_path / "unpacked")
     model = read_mar_manifest(mar)["model"]
     assert (model["modelName"], model["modelVersion"]) == ("test-smallcnn", "2.1")

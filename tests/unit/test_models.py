@@ -1,6 +1,8 @@
 """The multi-exit contract, for every registered architecture."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,31 +67,72 @@ def test_normalization_is_a_buffer_inside_stage_one(model):
     assert not any("mean" in n or "std" in n for n, _ in model.named_parameters())
 
 
-def test_exit_costs_are_measured_and_grow(model):
-    costs = model.exit_mflops()
-    assert all(b > a for a, b in zip(costs, costs[1:]))
-    # the last exit's cost is the full forward's FLOPs, as counted by torch itself
+def _counted_mflops(fn) -> float:
     counter = FlopCounterMode(display=False)
-    model.eval()
     with counter, torch.no_grad():
-        model.forward_exits(torch.zeros(1, *model.input_shape))
-    heads_before_last = 0.0
-    features = torch.zeros(1, *model.input_shape)
-    with torch.no_grad():
-        for k in range(model.num_exits - 1):
-            features = model.forward_stage(k, features)
-            c = FlopCounterMode(display=False)
-            with c:
-                model.forward_head(k, features)
-            heads_before_last += c.get_total_flops()
-    assert costs[-1] == pytest.approx((counter.get_total_flops() - heads_before_last) / 1e6)
+        fn()
+    return counter.get_total_flops() / 1e6
+
+
+class _TorchStageSession:
+    """A torch-backed stand-in for an onnxruntime session of stage k (what export writes as stage_k.onnx)."""
+
+    def __init__(self, model: MultiExitNetwork, k: int) -> None:
+        self.model, self.k = model, k
+
+    def run(self, output_names, feed):
+        with torch.no_grad():
+            features = self.model.forward_stage(self.k, torch.from_numpy(next(iter(feed.values()))))
+            logits = self.model.forward_head(self.k, features).numpy()
+        return [logits] if len(output_names) == 1 else [features.numpy(), logits]
+
+
+def test_runner_charges_what_flopcountermode_counts_on_the_staged_path(model):
+    """For each exit k, the staged runner's cost of an answer at k equals torch's count of everything that ran
+    to produce it: stages 1..k and heads 1..k (forward_exits(x, upto=k)), not the anytime cost."""
+    import numpy as np
+
+    from early_exit.manifest import exit_specs
+    from early_exit.runner import NEVER, StagedRunner
+
+    model.eval()
+    cost = model.cost_profile()
+    x = torch.zeros(1, *model.input_shape)
+    k_exits = model.num_exits
+    graphs = [{"index": k + 1, "file": f"stage_{k + 1}.onnx", "sha256": "0" * 64, "input_name": f"in{k}",
+               "logits_name": f"logits{k}", "features_name": None if k == k_exits - 1 else f"f{k}"}
+              for k in range(k_exits)]
+    manifest = SimpleNamespace(exits=exit_specs(cost, graphs), num_exits=k_exits, confidence="max_prob",
+                               staged_mflops=cost.staged)
+    runner = StagedRunner(manifest, [_TorchStageSession(model, k) for k in range(k_exits)])
+    for k in range(k_exits):
+        counted = _counted_mflops(lambda: model.forward_exits(x, upto=k))
+        charged = runner.run(x.numpy(), np.full(k_exits, NEVER), k).mflops[0]
+        assert charged == pytest.approx(counted, rel=1e-9)
+        assert cost.staged[k] == pytest.approx(counted, rel=1e-9)
+        with torch.no_grad():
+            features = _features(model, x, k)
+        anytime = _counted_mflops(lambda: _features(model, x, k)) + _counted_mflops(
+            lambda: model.forward_head(k, features))
+        assert cost.anytime[k] == pytest.approx(anytime, rel=1e-9)
+    assert all(b > a for a, b in zip(cost.staged, cost.staged[1:]))
+    assert cost.full == pytest.approx(cost.anytime[-1])
+
+
+def _features(model: MultiExitNetwork, x: torch.Tensor, k: int) -> torch.Tensor:
+    for i in range(k + 1):
+        x = model.forward_stage(i, x)
+    return x
 
 
 def test_smallcnn_costs_match_the_reference_architecture():
-    # RDI-Nets counts conv MACs / 2^20: 0.818, 7.00, 9.25. FLOPs/1e6 with heads is about 2x that.
-    costs = create_model("smallcnn").exit_mflops()
-    for ours, ref in zip(costs, (0.818, 7.00, 9.25)):
+    # RDI-Nets counts conv MACs / 2^20: 0.818, 7.00, 9.25 (anytime, conv only). FLOPs/1e6 with heads is about 2x.
+    cost = create_model("smallcnn").cost_profile()
+    for ours, ref in zip(cost.anytime, (0.818, 7.00, 9.25)):
         assert 1.9 < ours / (ref * 2**20 / 1e6) < 2.7
+    # the heads are not small: the staged cost of the last exit exceeds its anytime cost by the early heads
+    assert cost.staged[-1] - cost.anytime[-1] == pytest.approx(sum(cost.head_mflops[:-1]))
+    assert cost.staged[-1] / cost.anytime[-1] > 1.05
 
 
 def test_registry_records_args_and_rejects_unknown_names():

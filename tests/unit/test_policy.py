@@ -85,18 +85,14 @@ def test_calibration_on_validation_transfers_to_fresh_data():
     assert res.accuracy >= test.correct()[:, 2].mean() - 0.02
 
 
-def test_manifest_rejects_graph_paths_outside_the_model_folder():
-    from early_exit.manifest import ManifestError, manifest_from_dict
+def test_per_row_thresholds_and_caps_equal_row_by_row_decisions():
+    from early_exit.policy import select_exits
 
-    exits = [{"index": i + 1, "file": f"stage_{i + 1}.onnx", "sha256": "0" * 64, "mflops": c,
-              "input_name": "x", "logits_name": f"logits_{i + 1}", "features_name": None if i == 2 else f"f{i}"}
-             for i, c in enumerate(COSTS)]
-    good = {"format_version": 1, "name": "m", "version": "1", "dataset": "mnist", "input_shape": [1, 28, 28],
-            "classes": [str(i) for i in range(10)], "confidence": "max_prob", "exits": exits,
-            "calibration": [BudgetEntry(c, k, (NEVER,) * 3, 0.9, c).to_dict() for k, c in enumerate(COSTS)],
-            "default_budget_mflops": 20.0, "opset": 18}
-    assert manifest_from_dict(good).num_exits == 3
-    for bad in ("../stage_1.onnx", "/etc/passwd", ".hidden"):
-        exits[0]["file"] = bad
-        with pytest.raises(ManifestError, match="plain file name"):
-            manifest_from_dict(good)
+    rng = np.random.default_rng(3)
+    conf = rng.random((200, 3))
+    thresholds = rng.random((200, 3))
+    caps = rng.integers(0, 3, 200)
+    batched = select_exits(conf, thresholds, caps)
+    one_by_one = [select_exits(conf[i:i + 1], thresholds[i], int(caps[i]))[0] for i in range(200)]
+    assert batched.tolist() == one_by_one
+    assert (batched <= caps).all()
