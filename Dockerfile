@@ -22,6 +22,9 @@ FROM ${GPU_BASE} AS base-gpu
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
+# DL3006 (untagged image): base-${VARIANT} is one of the two stages above, not an image; hadolint cannot
+# resolve the variable. The real bases are pinned by tag in CPU_BASE / GPU_BASE.
+# hadolint ignore=DL3006
 FROM base-${VARIANT} AS runtime
 ARG VARIANT
 # Python 3.11 comes from the CPU base; on the CUDA base uv installs a standalone 3.11.
@@ -71,7 +74,8 @@ COPY --chmod=0755 docker/entrypoint.sh docker/entrypoint.sh
 # Archives built by `make train-export`; a volume mounted here replaces them.
 COPY model_store/ model-store/
 
-USER model-server
+# Numeric, so Kubernetes' runAsNonRoot can verify it without the image's /etc/passwd.
+USER 10001:10001
 ENV EE_HOME=/home/model-server \
     LOG_LOCATION=/home/model-server/logs \
     METRICS_LOCATION=/home/model-server/logs

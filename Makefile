@@ -14,18 +14,20 @@ NAME   ?= $(firstword $(subst -, ,$(PRESET)))
 RUN    := runs/$(PRESET)
 CKPT   := $(RUN)/checkpoint.pt
 EVAL   := $(RUN)/eval/eval.json
+CALIB  := $(RUN)/calibration.json
 EXPORT := artifacts/export/$(NAME)
 MAR    := model_store/$(NAME).mar
 DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
 FORCE  ?=
 
-.PHONY: help setup data train evaluate export train-export test test-unit test-integration \
+.PHONY: help setup data train evaluate export archive train-export test test-unit test-integration \
         bench-train bench-serve serve stop clean
 
 help:
 	@echo "make train-export [PRESET=mnist-quick]   train, evaluate, calibrate, export and archive a model"
 	@echo "make test                                 run the whole test suite"
-	@echo "make serve / make stop                    start / stop TorchServe on model_store/"
+	@echo "make archive                              re-export the trained checkpoint (no retraining)"
+	@echo "make serve / make stop                    start / stop TorchServe on model_store/ (builds the archive)"
 	@echo "make bench-train / make bench-serve       benchmarks (write bench/results/*.json)"
 
 # --- environment -----------------------------------------------------------
@@ -35,12 +37,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The monitoring tests also need prometheus + promtool (Debian's `prometheus` package): installed here when
+# running as root with apt-get, otherwise the command to run is printed and setup goes on.
+PROMETHEUS_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
 setup: $(STAMP)
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+	  echo "prometheus and promtool: $$(command -v prometheus), $$(command -v promtool)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Prometheus for the monitoring tests: $(PROMETHEUS_INSTALL)"; \
+	  $(PROMETHEUS_INSTALL) >/dev/null \
+	    || echo "WARNING: installing Prometheus failed; make test needs it: $(PROMETHEUS_INSTALL)"; \
+	else \
+	  echo "WARNING: prometheus/promtool are missing and make test needs them; install them with:"; \
+	  echo "  sudo sh -c '$(PROMETHEUS_INSTALL)'"; \
+	fi
 
 data: $(STAMP)
 	$(PY) -m training.data --root data mnist fashion-mnist
 
 # --- the pipeline: each step is skipped when its output is newer than its inputs (FORCE=1 redoes it) ---
+# Artifacts flow one way: train -> checkpoint.pt; evaluate -> calibration.json beside it + eval/; export reads
+# both -> artifacts/export/NAME -> model_store/NAME.mar. The archive also depends on the code it ships or that
+# builds it, so editing the handler and running `make train-export` or `make serve` never serves a stale one.
+ARCHIVE_SOURCES := $(wildcard serving/*.py serving/*.yaml early_exit/*.py export/*.py)
 ifneq ($(FORCE),)
 .PHONY: $(CKPT) $(EVAL) $(MAR)
 endif
@@ -52,7 +71,7 @@ $(CKPT): training/configs/$(PRESET).yaml | $(STAMP)
 $(EVAL): $(CKPT)
 	$(PY) -m training.evaluate $(CKPT)
 
-$(MAR): $(EVAL)
+$(MAR): $(EVAL) $(ARCHIVE_SOURCES)
 	$(PY) -m export --checkpoint $(CKPT) --name $(NAME) --out-dir $(EXPORT) --model-store model_store \
 		--data-dir data --force
 
@@ -60,13 +79,19 @@ train: $(CKPT)
 evaluate: $(EVAL)
 export: $(MAR)
 
+# Re-export and re-archive the existing checkpoint and calibration (no training, no evaluation).
+archive: $(STAMP)
+	@test -f $(CKPT) && test -f $(CALIB) || { echo "no $(CKPT) + $(CALIB): run make train-export PRESET=$(PRESET)"; exit 2; }
+	$(PY) -m export --checkpoint $(CKPT) --name $(NAME) --out-dir $(EXPORT) --model-store model_store \
+		--data-dir data --force
+
 train-export: $(MAR)
 	@echo
 	@echo "Archive: $(MAR)   (evaluation: $(EVAL), plots beside it)"
 	@echo "Serve it with:  make serve NAME=$(NAME)"
 
 # --- tests -------------------------------------------------------------------
-test: $(STAMP)
+test: setup
 	$(PY) -m pytest tests -q
 
 test-unit: $(STAMP)
@@ -85,7 +110,7 @@ bench-serve: $(MAR)
 
 # --- serving -------------------------------------------------------------------
 # TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on).
-serve: $(STAMP)
+serve: $(STAMP) $(MAR)
 	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth)
 
 stop: $(STAMP)

@@ -6,9 +6,10 @@ as PNG over HTTP (token auth on, loopback):
   (b) full_graph_http   the same server and archive with handler mode full_graph_only (full.onnx)
   (c) in_process        the same handler called in-process (TorchServe's Context, no HTTP, no frontend):
                         the staged onnxruntime loop plus decoding, batch 1 and batch = the archive's batchSize
-at concurrency 1 and 16: requests/s, p50/p99 latency, mean MFLOPs per request. Accuracy through HTTP is
-compared with the offline accuracy of the same policy (early_exit.policy on onnxruntime logits of the same
-graphs), per calibrated budget too; budget violations (MFLOPs spent > budget applied) are counted.
+at concurrency 1 and 16: requests/s, p50/p99 latency, mean staged MFLOPs per request. Answers through HTTP
+are compared row for row with the offline answers of the same staged runner (early_exit/runner.py) on the
+same graphs, per calibrated budget too; budget violations are counted against the staged cost of the exit
+that answered (stages and heads 1..k, taken from the manifest's cost profile, not from the response).
 Client threads and the server share the machine's cores: figures are for this machine only.
 Writes bench/results/serve-<dataset>.json.
 """
@@ -34,7 +35,8 @@ from PIL import Image
 
 from bench.common import machine, now, versions
 from early_exit.manifest import Manifest, load_manifest, verify_files
-from early_exit.policy import confidence, entry_for_budget, select_exits, softmax
+from early_exit.policy import entry_for_budget
+from early_exit.runner import StagedRunner
 from serving.client import Client
 from serving.server import KeyKind, Ports, start_server
 
@@ -84,32 +86,24 @@ def full_graph_archive(archive: Path, out: Path) -> Path:
     return out
 
 
-def offline_exit_logits(folder: Path, manifest: Manifest, x: np.ndarray, batch: int = 256) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sessions = [ort.InferenceSession(str(folder / e.file), opts, providers=["CPUExecutionProvider"])
-                for e in manifest.exits]
-    out: list[list[np.ndarray]] = [[] for _ in manifest.exits]
-    for start in range(0, len(x), batch):
-        features = x[start:start + batch]
-        for k, (spec, session) in enumerate(zip(manifest.exits, sessions)):
-            names = [spec.features_name, spec.logits_name] if spec.features_name else [spec.logits_name]
-            outputs = session.run(names, {spec.input_name: features})
-            out[k].append(outputs[-1])
-            features = outputs[0]
-    return [np.concatenate(o) for o in out]
-
-
-def offline_policy(manifest: Manifest, logits: list[np.ndarray], y: np.ndarray, budget: float) -> dict[str, Any]:
-    """What the shared policy gives on the whole set: the figure HTTP must reproduce."""
-    entry = entry_for_budget(budget, manifest.calibration, manifest.exit_mflops)
-    conf = np.stack([confidence(softmax(l), manifest.confidence) for l in logits], axis=1)
-    exits = select_exits(conf, entry.thresholds, entry.max_exit)
-    pred = np.array([int(np.argmax(logits[e][i])) for i, e in enumerate(exits)])
+def offline_policy(runner: StagedRunner, x: np.ndarray, y: np.ndarray, budget: float, batch: int = 256
+                   ) -> dict[str, Any]:
+    """What the staged runner answers offline on the whole set under `budget`: the figure HTTP must reproduce."""
+    manifest = runner.manifest
+    entry = entry_for_budget(budget, manifest.calibration, manifest.staged_mflops)
+    parts = [runner.run(x[i:i + batch], entry.thresholds, entry.max_exit) for i in range(0, len(x), batch)]
+    exits = np.concatenate([p.exits for p in parts])
+    pred = np.concatenate([p.probs.argmax(-1) for p in parts])
     return {"exits": exits, "pred": pred, "accuracy": float((pred == y).mean()),
-            "mean_mflops": float(np.asarray(manifest.exit_mflops)[exits].mean())}
+            "mean_mflops": float(np.concatenate([p.mflops for p in parts]).mean())}
+
+
+def violations(calls: list["Call"], staged: Sequence[float]) -> int:
+    """Answers whose exit's staged cost (from the manifest) exceeds the budget applied, or whose reported
+    spend differs from that staged cost."""
+    ok = [c for c in calls if c.status == 200 and c.body]
+    return sum(1 for c in ok if staged[c.body["exit_index"] - 1] > c.body["budget_mflops"] + 1e-9
+               or abs(c.body["mflops_spent"] - staged[c.body["exit_index"] - 1]) > 1e-9 * staged[-1])
 
 
 def load(url: str, model: str, token: str | None, bodies: Sequence[bytes], concurrency: int,
@@ -144,7 +138,8 @@ def load(url: str, model: str, token: str | None, bodies: Sequence[bytes], concu
     return [c for c in calls if c is not None], time.perf_counter() - started
 
 
-def summarize(calls: list[Call], seconds: float, y: np.ndarray | None = None) -> dict[str, Any]:
+def summarize(calls: list[Call], seconds: float, staged: Sequence[float], y: np.ndarray | None = None
+              ) -> dict[str, Any]:
     ok = [c for c in calls if c.status == 200 and c.body]
     lat = np.array([c.latency_s for c in calls]) * 1000
     out: dict[str, Any] = {
@@ -152,14 +147,15 @@ def summarize(calls: list[Call], seconds: float, y: np.ndarray | None = None) ->
         "requests_per_s": round(len(calls) / seconds, 1),
         "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
         "mean_mflops": round(float(np.mean([c.body["mflops_spent"] for c in ok])), 4) if ok else None,
-        "budget_violations": sum(1 for c in ok if c.body["mflops_spent"] > c.body["budget_mflops"] + 1e-9),
+        "budget_violations": violations(calls, staged),
     }
     if y is not None and len(calls) == len(y):
         out["accuracy"] = float(np.mean([c.status == 200 and c.body["class_index"] == t for c, t in zip(calls, y)]))
     return out
 
 
-def http_runs(label: str, archive: Path, state: Path, bodies: list[bytes], y: np.ndarray, c1_requests: int,
+def http_runs(label: str, archive: Path, state: Path, bodies: list[bytes], y: np.ndarray, staged: Sequence[float],
+              c1_requests: int,
               concurrency: Sequence[int], warmup: int, sweep: Sequence[float] = (), sweep_requests: int = 0,
               ) -> tuple[list[dict[str, Any]], dict[float, list[Call]], list[Call]]:
     """Start a server on `archive`, run the concurrency levels (and an optional budget sweep), stop it."""
@@ -174,7 +170,7 @@ def http_runs(label: str, archive: Path, state: Path, bodies: list[bytes], y: np
         for c in concurrency:
             subset = bodies if c > 1 else bodies[:c1_requests]
             calls, seconds = load(server.inference_url, model, token, subset, c)
-            runs.append({"server": label, "concurrency": c, **summarize(calls, seconds, y[:len(subset)])})
+            runs.append({"server": label, "concurrency": c, **summarize(calls, seconds, staged, y[:len(subset)])})
             log.info("%s c=%d: %s", label, c, runs[-1])
             if len(subset) == len(bodies):
                 full_calls = calls
@@ -221,7 +217,7 @@ def in_process_runs(folder: Path, manifest: Manifest, bodies: list[bytes], y: np
             calls += [Call(ctx.get_response_status(j)[0], dt, o) for j, o in enumerate(out)]
         seconds = time.perf_counter() - started
         runs.append({"server": "in_process", "concurrency": 1 if b == 1 else 16, "batch_size": b,
-                     **summarize(calls, seconds, y[:len(subset)])})
+                     **summarize(calls, seconds, manifest.staged_mflops, y[:len(subset)])})
         log.info("in_process batch=%d: %s", b, runs[-1])
     return runs
 
@@ -254,16 +250,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_n = min(args.sweep_requests, len(bodies))
         default_budget = manifest.default_budget_mflops
         budgets = sorted({row.budget_mflops for row in manifest.calibration})
-        logits = offline_exit_logits(folder, manifest, x)
-        offline = offline_policy(manifest, logits, y, default_budget)
+        runner = StagedRunner.from_folder(manifest, folder, intra_op_threads=2)
+        offline = offline_policy(runner, x, y, default_budget)
+        staged = manifest.staged_mflops
+        full_cost = manifest.full_graph.mflops if manifest.full_graph else manifest.cost.full
+        full_graph_costs = [full_cost] * manifest.num_exits  # full-graph answers all cost the full network
         threads = int((model_config.get("handler") or {}).get("intra_op_threads", 1))
         batch_size = int(model_config.get("batchSize", 1))
 
         runs = in_process_runs(folder, manifest, bodies, y, [1, batch_size], c1, threads)
-        early, swept, early_calls = http_runs("early_exit_http", args.archive, work / "a", bodies, y, c1,
+        early, swept, early_calls = http_runs("early_exit_http", args.archive, work / "a", bodies, y, staged, c1,
                                               args.concurrency, args.warmup, budgets, sweep_n)
         full, _, _ = http_runs("full_graph_http", full_graph_archive(args.archive, work / "b-archive" / args.archive.name), work / "b",
-                               bodies, y, c1, args.concurrency, args.warmup)
+                               bodies, y, full_graph_costs, c1, args.concurrency, args.warmup)
         runs = early + full + runs
 
         http_pred = np.array([c.body["class_index"] if c.status == 200 else -1 for c in early_calls])
@@ -271,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sweep_rows = []
         for budget in budgets:
             calls = swept[budget]
-            ref = offline_policy(manifest, [l[:sweep_n] for l in logits], y[:sweep_n], budget)
-            s = summarize(calls, 1.0, y[:sweep_n])
+            ref = offline_policy(runner, x[:sweep_n], y[:sweep_n], budget)
+            s = summarize(calls, 1.0, staged, y[:sweep_n])
             sweep_rows.append({
                 "budget_mflops": budget, "requests": sweep_n, "errors": s["errors"],
                 "http_accuracy": s["accuracy"], "offline_accuracy": ref["accuracy"],
@@ -282,12 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "budget_violations": s["budget_violations"],
                 "max_exit_used": max((c.body["exit_index"] for c in calls if c.status == 200), default=None),
             })
-        full_cost = manifest.exit_mflops[-1]
         result = {
             "benchmark": "serve", "time": now(), "note": args.note, "machine": machine(),
             "versions": versions("onnxruntime", "torchserve", "torch", "numpy", "pillow"),
             "model": {"archive": str(args.archive), "name": manifest.name, "version": manifest.version,
-                      "dataset": manifest.dataset, "exit_mflops": manifest.exit_mflops,
+                      "dataset": manifest.dataset, "cost": manifest.cost.to_dict(),
                       "default_budget_mflops": default_budget, "calibrated_budgets_mflops": budgets},
             "settings": {"test_images": len(y), "concurrency_1_requests": c1, "input": "PNG over HTTP, token auth on",
                          "batch_size": batch_size, "max_batch_delay_ms": model_config.get("maxBatchDelay"),
@@ -306,8 +304,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "compute": {"mean_mflops_per_request_http": float(np.mean([c.body["mflops_spent"] for c in early_calls
                                                                        if c.status == 200])) if early_calls else None,
-                        "mean_mflops_offline": offline["mean_mflops"], "full_depth_mflops": full_cost,
-                        "saving_vs_full": 1.0 - offline["mean_mflops"] / full_cost},
+                        "mean_mflops_offline": offline["mean_mflops"], "full_network_mflops": full_cost,
+                        "staged_full_depth_mflops": staged[-1],
+                        "saving_vs_full_network": 1.0 - offline["mean_mflops"] / full_cost,
+                        "unit": "staged MFLOPs per request (stages and heads run); the full network runs no early "
+                                "heads"},
             "budget_violations": sum(r["budget_violations"] for r in runs) + sum(r["budget_violations"]
                                                                                  for r in sweep_rows),
             "budget_sweep": sweep_rows,

@@ -5,6 +5,8 @@
 
 The body is sent as is: a PNG/JPEG image, or JSON {"data": nested list C x H x W in [0, 1]}.
 The token defaults to the inference key in .serve/key_file.json (written by `make serve`).
+A 503 (no worker free) or 507 (a worker restarting) is retried once after --retry-delay seconds (or the
+server's Retry-After, at most 30 s), said on stderr: inference is idempotent, so sending it again is safe.
 Exit status: 0 for HTTP 200, 1 for any other answer, 2 when the server could not be reached.
 """
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,6 +24,8 @@ from urllib.parse import urlsplit
 
 BUDGET_HEADER = "X-Compute-Budget"
 DEFAULT_KEY_FILE = Path(".serve/key_file.json")
+RETRY_STATUSES = frozenset({503, 507})  # TorchServe: no worker free / the model's worker is (re)starting
+MAX_RETRY_AFTER_S = 30.0
 
 
 @dataclass
@@ -102,6 +108,22 @@ def read_token(key_file: Path = DEFAULT_KEY_FILE) -> str | None:
         return None
 
 
+def retry_delay(response: Response, default: float) -> float:
+    """Seconds to wait before retrying: the server's Retry-After (seconds form, capped), else `default`."""
+    try:
+        seconds = float(response.headers.get("retry-after", ""))
+    except ValueError:  # absent, or the HTTP-date form
+        return default
+    return min(seconds, MAX_RETRY_AFTER_S) if math.isfinite(seconds) and seconds >= 0 else default
+
+
+def _reason(response: Response) -> str:
+    body = response.body
+    if isinstance(body, dict):
+        return str(body.get("type") or body.get("message") or body)[:120]
+    return str(body or "")[:120]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.client", description=__doc__.splitlines()[0])
     p.add_argument("input", type=Path, help="a PNG/JPEG image or a JSON file {\"data\": [...]}")
@@ -111,11 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--token", help="inference key (default: read from --key-file)")
     p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE)
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--retry-delay", type=float, default=1.0,
+                   help="seconds before the one retry of a 503/507 answer (default 1; Retry-After wins)")
     args = p.parse_args(argv)
+    try:
+        body = args.input.read_bytes()
+    except OSError as exc:
+        p.error(f"cannot read {args.input}: {exc}")
     token = args.token or read_token(args.key_file)
     client = Client(args.url, args.model, token, args.timeout)
     try:
-        response = client.predict(args.input.read_bytes(), args.budget)
+        response = client.predict(body, args.budget)
+        if response.status in RETRY_STATUSES:
+            delay = retry_delay(response, args.retry_delay)
+            print(f"HTTP {response.status} ({_reason(response)}): retrying once in {delay:g} s", file=sys.stderr)
+            time.sleep(delay)
+            response = client.predict(body, args.budget)
     except OSError as exc:
         print(f"error: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 2

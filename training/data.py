@@ -2,10 +2,13 @@
 
 `prepare_data` copies the verified `.gz` files from ../shared/data when that
 folder exists, otherwise torchvision downloads them; torchvision's own loader
-then unpacks and verifies them (MD5) either way.
+then unpacks and verifies them (MD5) either way. A dataset that is neither on
+disk nor downloadable raises `DataError` with one line naming the files to put
+in which folder (`offline_files`); the CLIs print it and exit with status 2.
 """
 from __future__ import annotations
 
+import http.client
 import logging
 import shutil
 from dataclasses import dataclass
@@ -40,9 +43,13 @@ class DatasetInfo:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # What a transparent pixel of a client's image stands for, in [0, 1]: the digits and garments of MNIST and
+    # Fashion-MNIST sit on black; CIFAR-10 photographs have no background colour of their own, white is a guess.
+    background: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"name": self.name.value, "input_shape": list(self.input_shape), "classes": list(self.classes)}
+        return {"name": self.name.value, "input_shape": list(self.input_shape), "classes": list(self.classes),
+                "background": self.background}
 
 
 INFO: dict[DatasetName, DatasetInfo] = {
@@ -55,7 +62,7 @@ INFO: dict[DatasetName, DatasetInfo] = {
     DatasetName.CIFAR10: DatasetInfo(
         DatasetName.CIFAR10, "CIFAR10", (3, 32, 32),
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), background=1.0),
 }
 
 
@@ -76,24 +83,50 @@ def _torchvision_class(info: DatasetInfo):
     return getattr(datasets, info.folder)
 
 
+def offline_files(name: DatasetName | str, root: str | Path) -> tuple[Path, tuple[str, ...], str]:
+    """(folder, file names, where they are published): the files torchvision finds in that folder, checks
+    (MD5) and unpacks without downloading anything. The names come from torchvision's own dataset class."""
+    info = dataset_info(name)
+    cls = _torchvision_class(info)
+    root = Path(root)
+    if info.name is DatasetName.CIFAR10:
+        return root, (cls.filename,), cls.url
+    return root / info.folder / "raw", tuple(file for file, _md5 in cls.resources), cls.mirrors[0]
+
+
+def _one_line(exc: BaseException) -> str:
+    """`Type: message` on one line (torchvision's download errors span several)."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _put_files_hint(info: DatasetInfo, root: Path) -> str:
+    folder, files, source = offline_files(info.name, root)
+    return f"put {', '.join(files)} (from {source}) into {folder}/"
+
+
 def prepare_data(name: DatasetName | str, root: str | Path, download: bool = True) -> Path:
-    """Make `root` hold the dataset: copy shared .gz files if present, then let torchvision unpack/verify."""
+    """Make `root` hold the dataset: copy the shared files if present, then let torchvision unpack/verify
+    (downloading what is still missing when `download`). DataError, one line, when that is impossible."""
     info = dataset_info(name)
     root = Path(root)
-    shared_raw = SHARED_DATA / info.folder / "raw"
-    raw = root / info.folder / "raw"
-    if shared_raw.is_dir() and info.name is not DatasetName.CIFAR10:
-        raw.mkdir(parents=True, exist_ok=True)
-        for gz in shared_raw.glob("*.gz"):
-            if not (raw / gz.name).exists():
-                shutil.copy2(gz, raw / gz.name)
-                log.info("copied %s", gz.name)
+    shared_folder, files, _source = offline_files(info.name, SHARED_DATA)
+    folder = offline_files(info.name, root)[0]
+    for file in files:
+        if (shared_folder / file).is_file() and not (folder / file).exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(shared_folder / file, folder / file)
+            log.info("copied %s", file)
     cls = _torchvision_class(info)
     for train in (True, False):
         try:
             cls(str(root), train=train, download=download)
-        except RuntimeError as exc:  # torchvision: "Dataset not found. You can use download=True"
-            raise DataError(f"{info.folder} not found under {root} ({exc}); run `make data`") from exc
+        # RuntimeError: torchvision's "Dataset not found", "Error downloading ...", "File not found or
+        # corrupted"; OSError: no network (URLError, socket errors, timeouts); HTTPException: cut transfers.
+        except (RuntimeError, OSError, http.client.HTTPException) as exc:
+            missing = f"{info.folder} is missing under {root}" + (" and could not be downloaded" if download else "")
+            raise DataError(f"{missing} ({_one_line(exc)}): {_put_files_hint(info, root)} and run again") from exc
     return root
 
 
@@ -110,13 +143,12 @@ def load_tensors(
     info = dataset_info(name)
     split = Split(split)
     root = Path(root)
-    if not (root / info.folder).is_dir():
-        raise DataError(f"data folder {root / info.folder} does not exist; run `make data`")
     cls = _torchvision_class(info)
     try:
         ds = cls(str(root), train=split is not Split.TEST, download=False)
-    except RuntimeError as exc:
-        raise DataError(f"{info.folder} under {root} is incomplete ({exc}); run `make data`") from exc
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"
+        raise DataError(f"{info.folder} is missing or incomplete under {root}: run `python -m training.data "
+                        f"--root {root} {info.name.value}` (offline: {_put_files_hint(info, root)} first)") from exc
     data = torch.as_tensor(ds.data)
     targets = torch.as_tensor(ds.targets, dtype=torch.long)
     x = data.float().div_(255.0)
@@ -131,29 +163,49 @@ def load_tensors(
 
 
 class AugmentedTensorDataset(Dataset):
-    """Random crop (padding 4) and horizontal flip on tensors: the CIFAR-10 training augmentation."""
+    """The CIFAR-10 training augmentation on [0, 1] tensors: torchvision's RandomCrop(size, padding=4) and
+    RandomHorizontalFlip.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> None:
+    The transforms draw from torch's global generator of the process that runs `__getitem__`: in the main
+    process (num_workers=0) that is the trainer's seeded generator (saved and restored on resume); in a
+    DataLoader worker it is the worker's own, which torch seeds with the loader's per-epoch base seed plus
+    the worker id, so workers never repeat each other's crops and flips (`seed_worker` seeds numpy and
+    `random` from it too).
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        from torchvision import transforms
+
         self.x, self.y = x, y
-        self.gen = torch.Generator().manual_seed(seed)
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(tuple(x.shape[2:]), padding=4),
+            transforms.RandomHorizontalFlip(),
+        ])
 
     def __len__(self) -> int:
         return len(self.x)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img = torch.nn.functional.pad(self.x[i], (4, 4, 4, 4))
-        dx, dy = torch.randint(0, 9, (2,), generator=self.gen).tolist()
-        img = img[:, dy:dy + self.x.shape[2], dx:dx + self.x.shape[3]]
-        if torch.rand(1, generator=self.gen).item() < 0.5:
-            img = img.flip(-1)
-        return img, self.y[i]
+        return self.transform(self.x[i]), self.y[i]
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: seed numpy and `random` from the worker's torch seed (base seed + id)."""
+    import random
+
+    import numpy as np
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def training_dataset(name: DatasetName | str, root: str | Path, val_size: int, seed: int,
                      limit: int | None = None) -> Dataset:
+    """The training split (`seed` draws the validation hold-out); CIFAR-10 with its augmentation."""
     x, y = load_tensors(name, root, Split.TRAIN, val_size, seed, limit)
     if dataset_info(name).name is DatasetName.CIFAR10:
-        return AugmentedTensorDataset(x, y, seed)
+        return AugmentedTensorDataset(x, y)
     return TensorDataset(x, y)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ class TinyModel:
     manifest: Manifest
     test_x: np.ndarray  # N x 1 x 28 x 28 float32 in [0, 1] (k/255 values, so PNG round-trips exactly)
     test_y: np.ndarray
+    ceiling: float  # the handler option max_budget_mflops the archive was built with (twice the full depth)
     offline_exits: np.ndarray  # 0-based exit the shared policy picks at the default budget (ORT logits)
     offline_classes: np.ndarray
     exit_logits: list[np.ndarray] = field(repr=False)  # per exit, N x 10, from the exported stage graphs
@@ -61,11 +61,11 @@ class TinyModel:
         return json.dumps({"data": self.test_x[i].tolist()}).encode()
 
     def offline(self, budget: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(0-based exits, classes) the shared policy gives every test image under `budget`."""
+        """(0-based exits, classes) the shared policy gives every test image under `budget` (after the ceiling)."""
         from early_exit.policy import confidence, entry_for_budget, select_exits, softmax
 
-        budget = self.manifest.default_budget_mflops if budget is None else budget
-        entry = entry_for_budget(budget, self.manifest.calibration, self.manifest.exit_mflops)
+        budget = min(self.manifest.default_budget_mflops if budget is None else budget, self.ceiling)
+        entry = entry_for_budget(budget, self.manifest.calibration, self.manifest.staged_mflops)
         conf = np.stack([confidence(softmax(l), self.manifest.confidence) for l in self.exit_logits], axis=1)
         exits = select_exits(conf, entry.thresholds, entry.max_exit)
         classes = np.array([int(np.argmax(self.exit_logits[e][i])) for i, e in enumerate(exits)])
@@ -102,7 +102,9 @@ def _build_tiny(root: Path) -> TinyModel:
     from early_exit.manifest import load_manifest
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
-    from training.calibrate import ExitOutputs, calibrate_table
+    from early_exit.policy import ConfidenceMeasure
+    from training.calibrate import Calibration, ExitOutputs, calibrate_table, calibration_path, file_sha256, \
+        write_calibration
     from training.checkpoint import make_checkpoint, save_checkpoint
     from training.data import Split, dataset_info, load_tensors, prepare_data
 
@@ -113,25 +115,29 @@ def _build_tiny(root: Path) -> TinyModel:
     vx, vy = load_tensors("mnist", data_dir, Split.VAL, limit=VAL_SAMPLES)
     with torch.no_grad():
         val_logits = [l.numpy() for l in model(vx)]
-    exit_mflops = model.exit_mflops()
+    cost = model.cost_profile()
+    exit_mflops = cost.staged
     table = calibrate_table(ExitOutputs.from_logits(val_logits, vy.numpy()), exit_mflops)
     ckpt = make_checkpoint(model, dataset_info("mnist").to_dict(), {"purpose": "integration test", "loss": "ce"})
-    ckpt["calibration"] = {"confidence": "max_prob", "tolerance": 0.003,
-                           "default_budget_mflops": exit_mflops[-1], "table": [r.to_dict() for r in table]}
     ckpt_path = save_checkpoint(ckpt, root / "tiny.pt")
+    write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.003, cost, tuple(table), exit_mflops[-1],
+                                  file_sha256(ckpt_path), {"purpose": "integration test"}),
+                      calibration_path(ckpt_path))
     trained = time.monotonic()
+    ceiling = round(2 * exit_mflops[-1], 3)
     result = export_checkpoint(ckpt_path, root / "export", MODEL_NAME, "1.0", adv_samples=0, batch_sizes=(1, 5))
     store = root / "model_store"
     mar = build_archive(result.out_dir, store, MODEL_NAME, "1.0", Path(__file__).parents[2] / "serving/handler.py",
-                        serve_config=ServeConfig(batch_size=8, max_batch_delay=MAX_BATCH_DELAY_MS,
-                                                 response_timeout=30, handler=dict(SERVE_OPTIONS)))
+                        serve_config=ServeConfig.from_values(batch_size=8, max_batch_delay=MAX_BATCH_DELAY_MS,
+                                                             response_timeout=30,
+                                                             handler={**SERVE_OPTIONS, "max_budget_mflops": ceiling}))
     manifest = load_manifest(result.out_dir)
 
     tx, ty = load_tensors("mnist", data_dir, Split.TEST, limit=TEST_SAMPLES)
     test_x = tx.numpy().astype(np.float32)
     exit_logits = _ort_exit_logits(result.out_dir, manifest, test_x)
-    tiny = TinyModel(MODEL_NAME, result.out_dir, store, mar, manifest, test_x, ty.numpy(), np.empty(0), np.empty(0),
-                     exit_logits)
+    tiny = TinyModel(MODEL_NAME, result.out_dir, store, mar, manifest, test_x, ty.numpy(), ceiling, np.empty(0),
+                     np.empty(0), exit_logits)
     tiny.offline_exits, tiny.offline_classes = tiny.offline()
     print("\ntiny model: trained+calibrated in %.1f s, exported+archived in %.1f s; exit MFLOPs %s; "
                 "offline exits at default budget %s" % (trained - started, time.monotonic() - trained,
@@ -140,22 +146,13 @@ def _build_tiny(root: Path) -> TinyModel:
 
 
 def _ort_exit_logits(folder: Path, manifest, x: np.ndarray) -> list[np.ndarray]:
-    """Every exit's logits from the exported stage graphs, one row at a time (as a lone request runs)."""
-    import onnxruntime as ort
+    """Every exit's logits from the exported stage graphs through the staged runner, one row at a time (as a
+    lone request runs)."""
+    from early_exit.runner import StagedRunner
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sessions = [ort.InferenceSession(str(folder / e.file), opts, providers=["CPUExecutionProvider"])
-                for e in manifest.exits]
-    out: list[list[np.ndarray]] = [[] for _ in manifest.exits]
-    for row in x:
-        features = row[None]
-        for k, (spec, session) in enumerate(zip(manifest.exits, sessions)):
-            names = [spec.features_name, spec.logits_name] if spec.features_name else [spec.logits_name]
-            outputs = session.run(names, {spec.input_name: features})
-            out[k].append(outputs[-1][0])
-            features = outputs[0]
-    return [np.stack(o) for o in out]
+    runner = StagedRunner.from_folder(manifest, folder)
+    rows = [runner.exit_logits(row[None]) for row in x]
+    return [np.concatenate([r[k] for r in rows]) for k in range(manifest.num_exits)]
 
 
 @pytest.fixture(scope="session")
@@ -193,15 +190,14 @@ class LiveServer:
             return response.read().decode()
 
     def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-        """Every series of metric `name` on the scrape: {((label, value), ...) in exposition order: value}."""
-        out = {}
-        pattern = re.compile(rf"^{re.escape(name)}\{{(.*?)\}} (\S+)$")
-        for line in self.scrape().splitlines():
-            m = pattern.match(line)
-            if m:
-                labels = tuple(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(1)))
-                out[labels] = float(m.group(2))
-        return out
+        """Every series of sample `name` on the scrape, parsed by prometheus_client's own parser:
+        {((label, value), ...) in exposition order: value}. The parser names counter samples `<name>_total`
+        (TorchServe exposes them without the suffix); either spelling finds them."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return {tuple(sample.labels.items()): sample.value
+                for family in text_string_to_metric_families(self.scrape())
+                for sample in family.samples if sample.name in (name, f"{name}_total")}
 
     def worker_pids(self) -> list[int]:
         return [int(w["pid"]) for w in self.server.workers(self.model) if w.get("status") == "READY"]

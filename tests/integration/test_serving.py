@@ -33,17 +33,21 @@ def _check_answer(live, response, i: int, budget: float | None) -> None:
     tiny = live.tiny
     manifest = tiny.manifest
     exits, classes = tiny.offline(budget)
-    applied = manifest.default_budget_mflops if budget is None else budget
-    entry = entry_for_budget(applied, manifest.calibration, manifest.exit_mflops)
+    requested = manifest.default_budget_mflops if budget is None else budget
+    applied = min(requested, tiny.ceiling)
+    entry = entry_for_budget(applied, manifest.calibration, manifest.staged_mflops)
     body = response.body
     assert response.status == 200, body
     assert body["class_index"] == classes[i] and body["label"] == manifest.classes[classes[i]]
     assert body["exit_index"] == exits[i] + 1 == int(response.headers["x-exit-index"])
-    assert body["mflops_spent"] == pytest.approx(manifest.exit_mflops[exits[i]])
+    assert body["mflops_spent"] == pytest.approx(manifest.staged_mflops[exits[i]])
     assert float(response.headers["x-compute-spent"]) == pytest.approx(body["mflops_spent"], rel=1e-5)
     assert body["mflops_spent"] <= applied + 1e-9
     assert body["num_exits"] == manifest.num_exits and body["max_exit_allowed"] == entry.max_exit + 1
     assert body["budget_mflops"] == pytest.approx(applied)
+    assert body["budget_requested_mflops"] == pytest.approx(requested)
+    assert body["budget_clipped"] is (requested > tiny.ceiling)
+    assert body["full_mflops"] == pytest.approx(manifest.full_graph.mflops)
     assert body["calibrated_budget_mflops"] == pytest.approx(entry.budget_mflops)
     assert body["budget_source"] == ("default" if budget is None else "header")
     assert len(body["top_k"]) == 3 and body["top_k"][0]["class_index"] == body["class_index"]
@@ -80,7 +84,7 @@ def test_png_and_json_at_the_default_budget_match_the_offline_policy(torchserve_
 
 def test_budgets_cap_the_exit_and_select_their_thresholds(torchserve_server) -> None:
     tiny = torchserve_server.tiny
-    costs = tiny.manifest.exit_mflops
+    costs = tiny.manifest.staged_mflops
     budgets = sorted({*costs, (costs[0] + costs[1]) / 2, costs[-1] * 10})
     for budget in budgets:
         answers = _predict_many(torchserve_server, [tiny.png(i) for i in range(N_IMAGES)], [f"{budget!r}"] * N_IMAGES)
@@ -98,7 +102,7 @@ def test_budgets_cap_the_exit_and_select_their_thresholds(torchserve_server) -> 
 ])
 def test_invalid_budget_gets_a_json_400(torchserve_server, value: str, reason: str) -> None:
     response = torchserve_server.predict(torchserve_server.tiny.png(0), value)
-    costs = torchserve_server.tiny.manifest.exit_mflops
+    costs = torchserve_server.tiny.manifest.staged_mflops
     assert response.status == 400 and response.headers["content-type"].startswith("application/json")
     assert response.body["reason"] == reason and response.body["error"]
     assert response.body["valid_budget_mflops"] == {"min": pytest.approx(costs[0]), "full_depth": pytest.approx(costs[-1])}
@@ -147,7 +151,7 @@ def _stage_rows_and_runs(live) -> tuple[float, float]:
 def test_mixed_budgets_and_a_bad_request_in_one_batch(torchserve_server) -> None:
     """8 requests released together (batchSize 8, maxBatchDelay 20 ms): each is answered on its own terms."""
     tiny = torchserve_server.tiny
-    costs = tiny.manifest.exit_mflops
+    costs = tiny.manifest.staged_mflops
     plan: list[tuple[bytes, str | None, str]] = [  # request j carries test image j + 2
         (tiny.png(2), None, "ok"), (tiny.png(3), f"{costs[0]!r}", "ok"), (b"\x00garbage", None, "undecodable_image"),
         (tiny.json_body(5), f"{costs[1]!r}", "ok"), (tiny.png(6), "-1", "invalid_budget"),
@@ -204,9 +208,12 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
     for k, count in enumerate(expected_exits, start=1):
         if count:
             assert delta("EarlyExitCount", ExitIndex=str(k), ModelName=model, Level="Model") == count
-    spent = sum(tiny.manifest.exit_mflops[e] for e in exits[:n])
+    spent = sum(tiny.manifest.staged_mflops[e] for e in exits[:n])
     assert delta("ComputeSpentMFLOPs", ModelName=model) == pytest.approx(spent, rel=1e-6)
-    assert delta("ComputeFullMFLOPs", ModelName=model) == pytest.approx(n * tiny.manifest.exit_mflops[-1], rel=1e-6)
+    assert delta("ComputeFullMFLOPs", ModelName=model) == pytest.approx(n * tiny.manifest.full_graph.mflops, rel=1e-6)
+    # the server's own figures: the responses' mflops_spent add up to the counter's change
+    assert delta("ComputeSpentMFLOPs", ModelName=model) == pytest.approx(
+        sum(a.body["mflops_spent"] for a in answers), rel=1e-6)
     for reason in ("invalid_budget", "empty_body", "wrong_shape"):
         assert delta("RequestsRejected", Reason=reason, ModelName=model, Level="Model") == 1
     assert delta("RequestLatencySeconds_count", ModelName=model) == n + 3
@@ -224,7 +231,7 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
     exit_values = {dict(k)["ExitIndex"] for k in live.samples("EarlyExitCount")}
     assert exit_values == {str(k) for k in range(1, tiny.manifest.num_exits + 1)}
     reasons = {dict(k)["Reason"] for k in live.samples("RequestsRejected")}
-    from serving.handler import RejectReason
+    from serving.rejections import RejectReason
 
     assert reasons == {r.value for r in RejectReason}
     buckets = live.samples("RequestLatencySeconds_bucket")
@@ -235,6 +242,57 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
                        ("RequestsRejected", "counter"), ("StageTimeMs", "counter"),
                        ("RequestLatencySeconds", "histogram"), ("RequestLatencyMs", "histogram")):
         assert f"# TYPE {name} {kind}" in text
+
+
+def test_a_budget_equal_to_an_exits_staged_cost_is_never_exceeded(torchserve_server) -> None:
+    """For each exit k: a budget of exactly exit k's staged cost (stages and heads 1..k) allows exit k and never
+    spends more; a budget a hair below it caps at exit k-1 (or is refused below the cheapest exit)."""
+    tiny = torchserve_server.tiny
+    costs = tiny.manifest.staged_mflops
+    n = 24
+    for k, cost in enumerate(costs):
+        answers = _predict_many(torchserve_server, [tiny.png(i) for i in range(n)], [repr(cost)] * n)
+        assert all(a.status == 200 for a in answers)
+        assert all(a.body["mflops_spent"] <= cost for a in answers)
+        assert all(a.body["max_exit_allowed"] == k + 1 for a in answers)
+        hair = cost * (1 - 1e-9)
+        below = _predict_many(torchserve_server, [tiny.png(i) for i in range(n)], [repr(hair)] * n)
+        if k == 0:
+            assert {a.status for a in below} == {400}
+            assert {a.body["reason"] for a in below} == {"budget_below_minimum"}
+        else:
+            assert all(a.status == 200 and a.body["max_exit_allowed"] == k for a in below)
+            assert all(a.body["exit_index"] <= k and a.body["mflops_spent"] <= costs[k - 1] for a in below)
+
+
+def test_budget_header_in_several_cases_applies_the_smallest(torchserve_server) -> None:
+    tiny = torchserve_server.tiny
+    costs = tiny.manifest.staged_mflops
+    client = torchserve_server.client()
+    try:
+        response = client.predict(tiny.png(0), None, headers={"X-Compute-Budget": repr(costs[-1]),
+                                                              "x-compute-budget": repr(costs[0])})
+        assert response.status == 200, response.body
+        assert response.body["budget_mflops"] == pytest.approx(costs[0]) and response.body["exit_index"] == 1
+        invalid = client.predict(tiny.png(0), None, headers={"X-Compute-Budget": repr(costs[-1]),
+                                                             "x-COMPUTE-budget": "lots"})
+        assert invalid.status == 400 and invalid.body["reason"] == "invalid_budget"
+    finally:
+        client.close()
+
+
+def test_the_operator_ceiling_clips_a_larger_budget(torchserve_server) -> None:
+    live, tiny = torchserve_server, torchserve_server.tiny
+    before = sum(live.samples("BudgetClipped").values())
+    response = live.predict(tiny.png(0), repr(tiny.ceiling * 50))
+    assert response.status == 200
+    assert response.body["budget_clipped"] is True
+    assert response.body["budget_mflops"] == pytest.approx(tiny.ceiling)
+    assert response.body["budget_requested_mflops"] == pytest.approx(tiny.ceiling * 50)
+    assert float(response.headers["x-compute-budget-applied"]) == pytest.approx(tiny.ceiling, rel=1e-5)
+    assert sum(live.samples("BudgetClipped").values()) == before + 1
+    unclipped = live.predict(tiny.png(0), repr(tiny.ceiling))
+    assert unclipped.body["budget_clipped"] is False
 
 
 def test_tampered_archive_refuses_to_load_on_a_real_server(tiny_mnist, tmp_path: Path) -> None:

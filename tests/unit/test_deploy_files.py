@@ -1,9 +1,12 @@
-"""Static checks of the monitoring and deployment files (no server, no Docker engine; promtool is used).
+"""Static checks of the monitoring and deployment files (no server, no Docker engine).
 
-What can be checked without an engine: promtool accepts the Prometheus config and rules and their unit
-tests pass; the scaled test copy of the rules is complete; every dashboard panel has valid PromQL on
-metrics that exist; the Grafana provisioning, compose file, Dockerfile and Kubernetes manifests point at
-files and ports that exist and agree with each other; the image's entrypoint runs its own config check.
+Generic correctness is left to the tools each community uses: promtool for the Prometheus config, rules
+and their unit tests, hadolint (with .hadolint.yaml) for the Dockerfile, kubernetes-validate (the
+Kubernetes API's own JSON schemas, strict) for the manifests. What stays here is project-specific: the
+scaled test copy of the rules is complete; every dashboard panel has valid PromQL on metrics that exist;
+the Grafana provisioning, compose file, Dockerfile and Kubernetes manifests point at files and ports that
+exist and agree with each other; Prometheus and Grafana are not reachable from the network by default and
+Grafana needs a chosen admin password; the image's entrypoint runs its own config check.
 """
 from __future__ import annotations
 
@@ -11,9 +14,11 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -39,6 +44,7 @@ from tests.promtools import (
 
 K8S = REPO / "deploy" / "k8s"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
+HADOLINT_CONFIG = REPO / ".hadolint.yaml"
 TEST_SCALE = 1 / 60  # what the integration test uses
 
 
@@ -46,6 +52,15 @@ def _promtool_ok(*args: str, cwd: Path | None = None) -> str:
     proc = promtool(*args, cwd=cwd)
     assert proc.returncode == 0, f"promtool {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
+
+
+def _dev_tool(name: str) -> str:
+    """A command-line tool from the dev extras (in the venv next to this Python, else on PATH)."""
+    beside = Path(sys.executable).parent / name
+    path = str(beside) if beside.exists() else shutil.which(name)
+    if not path:
+        pytest.fail(f"`{name}` is not installed: run `make setup` (pip install -e '.[dev]')", pytrace=False)
+    return path
 
 
 def _declared_metrics() -> set[str]:
@@ -190,10 +205,61 @@ def test_grafana_provisioning_matches_compose() -> None:
            Path(dashboards_in_container)
     (datasource,) = [d for f in DATASOURCES_DIR.glob("*.yml") for d in load_yaml(f)["datasources"]]
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
-    assert "9090:9090" in compose["services"]["prometheus"]["ports"]
+    assert [_published(p, {})[1:] for p in compose["services"]["prometheus"]["ports"]] == [("9090", "9090")]
 
 
 # ----------------------------------------------------------------------------- compose
+class ComposeVariableError(ValueError):
+    """What `docker compose` says for an unset ${VAR:?message}."""
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?message} (no Docker engine here to ask)."""
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise ComposeVariableError(f"{name}: {arg}")
+        return arg if op == ":-" else ""
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", one, value)
+
+
+def _published(port: str, env: dict[str, str]) -> tuple[str, str, str]:
+    """(host address, host port, container port) of a compose `ports:` entry; address 0.0.0.0 when absent."""
+    parts = _interpolate(port, env).split(":")
+    return ("0.0.0.0", *parts) if len(parts) == 2 else tuple(parts)  # type: ignore[return-value]
+
+
+def test_monitoring_is_on_loopback_unless_opened_and_grafana_needs_a_chosen_password() -> None:
+    compose = load_yaml(REPO / "docker-compose.yml")
+    services = compose["services"]
+    for name, port in (("prometheus", "9090"), ("grafana", "3000")):
+        (entry,) = services[name]["ports"]
+        assert _published(entry, {}) == ("127.0.0.1", port, port), f"{name} must default to loopback"
+        assert _published(entry, {"MONITORING_BIND": "0.0.0.0"}) == ("0.0.0.0", port, port), \
+            f"{name}: MONITORING_BIND (documented) must open it"
+    # The server's own ports stay published (token on inference); the management API never is.
+    assert {_published(p, {})[2] for p in services["torchserve"]["ports"]} == {"8080", "8082"}
+    grafana = services["grafana"]["environment"]
+    with pytest.raises(ComposeVariableError, match="GRAFANA_ADMIN_PASSWORD"):
+        _interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], {})
+    assert _interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], {"GRAFANA_ADMIN_PASSWORD": "s3cret"}) == "s3cret"
+    assert str(grafana["GF_AUTH_ANONYMOUS_ENABLED"]).lower() == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
+    assert str(grafana.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"
+    docs = (REPO / "docs" / "deploy-and-monitor.md").read_text()
+    assert "MONITORING_BIND" in docs and "GRAFANA_ADMIN_PASSWORD" in docs
+
+
+def test_compose_interpolation_helper() -> None:
+    assert _interpolate("${A:-x}:${B}", {"B": "b"}) == "x:b"
+    assert _interpolate("${A:-x}", {"A": "a"}) == "a"
+    with pytest.raises(ComposeVariableError, match="A: say it"):
+        _interpolate("${A:?say it}", {"A": ""})
+    assert _published("8080:8080", {}) == ("0.0.0.0", "8080", "8080")
+
+
 def test_compose_mounts_existing_files_and_prometheus_scrapes_the_server() -> None:
     compose = load_yaml(REPO / "docker-compose.yml")
     assert set(compose["services"]) == {"torchserve", "prometheus", "grafana"}
@@ -221,6 +287,34 @@ def test_compose_mounts_existing_files_and_prometheus_scrapes_the_server() -> No
 
 
 # ----------------------------------------------------------------------------- Dockerfile
+def _hadolint(dockerfile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([_dev_tool("hadolint"), "--no-color", "--config", str(HADOLINT_CONFIG), str(dockerfile)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_hadolint_passes_on_the_dockerfile() -> None:
+    """hadolint (with its built-in ShellCheck on every RUN) at failure threshold `style`; the rules
+    .hadolint.yaml or an inline pragma switches off each carry a reason next to them."""
+    assert load_yaml(HADOLINT_CONFIG)["failure-threshold"] == "style"
+    proc = _hadolint(REPO / "Dockerfile")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (REPO / "Dockerfile").read_text().splitlines()
+    for i, line in enumerate(text):
+        if line.startswith("# hadolint ignore="):
+            assert text[i - 1].startswith("# ") and "hadolint" not in text[i - 1], \
+                f"Dockerfile:{i + 1}: say why, in the comment line above the pragma"
+
+
+def test_hadolint_is_really_checking(tmp_path: Path) -> None:
+    """The configuration does not switch hadolint off: a root user, an untagged base and `cd` fail."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian\nRUN cd /tmp && echo hi\nUSER root\n")
+    proc = _hadolint(bad)
+    assert proc.returncode != 0
+    for rule in ("DL3006", "DL3003", "DL3002"):
+        assert rule in proc.stdout, proc.stdout
+
+
 def _dockerfile() -> list[str]:
     text = (REPO / "Dockerfile").read_text()
     return [line for line in text.replace("\\\n", " ").splitlines() if line.strip() and not line.startswith("#")]
@@ -263,19 +357,20 @@ def test_dockerfile_copies_existing_whitelisted_files() -> None:
 def test_dockerfile_runs_unprivileged_exposes_inference_and_metrics_and_has_a_healthcheck() -> None:
     lines = _dockerfile()
     instructions = [line.split()[0] for line in lines]
-    users = [line.split()[1] for line in lines if line.startswith("USER ")]
-    assert users and users[-1] not in {"root", "0"}
+    (user,) = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert instructions.index("USER") < instructions.index("ENTRYPOINT")
     (expose,) = [line.split()[1:] for line in lines if line.startswith("EXPOSE")]
     assert sorted(expose) == ["8080", "8082"]
     (health,) = [line for line in lines if line.startswith("HEALTHCHECK")]
     assert "entrypoint.sh" in health and "healthcheck" in health
     assert any(line.startswith("ENTRYPOINT") and "docker/entrypoint.sh" in line for line in lines)
-    # The non-root uid is the one the Kubernetes securityContext asks for.
+    # USER is the numeric uid:gid of the user the image creates (so runAsNonRoot can check it), which is
+    # the one the Kubernetes securityContext asks for.
     (useradd,) = [line for line in lines if "useradd" in line]
     uid = re.search(r"--uid (\d+)", useradd).group(1)
-    deployment = next(d for d in _k8s_docs() if d["kind"] == "Deployment")
-    assert str(deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]) == uid
+    assert "--user-group" in useradd and user == f"{uid}:{uid}" and uid != "0"
+    pod = next(d for d in _k8s_docs() if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert str(pod["securityContext"]["runAsUser"]) == uid and str(pod["securityContext"]["runAsGroup"]) == uid
 
 
 def test_dockerfile_variants_and_pins_match_pyproject() -> None:
@@ -405,6 +500,10 @@ def test_entrypoint_healthcheck_fails_without_a_server(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- Kubernetes
+# The oldest (1.25) and newest Kubernetes API versions kubernetes-validate 1.37.0 ships schemas for.
+K8S_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
+
+
 def _k8s_docs() -> list[dict]:
     docs = []
     for path in sorted(K8S.glob("*.yaml")):
@@ -412,13 +511,40 @@ def _k8s_docs() -> list[dict]:
     return docs
 
 
-def test_k8s_manifests_parse_and_agree() -> None:
+def test_kustomization_applies_every_manifest() -> None:
+    resources = load_yaml(K8S / "kustomization.yaml")["resources"]
+    assert sorted(resources) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_match_the_kubernetes_api_schemas(version: str) -> None:
+    """kubernetes-validate --strict: every field exists in the API version's schema, with the right type."""
+    for name in load_yaml(K8S / "kustomization.yaml")["resources"]:
+        for doc in [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} against Kubernetes {version}: "
+                            f"{'.'.join(map(str, exc.path))}: {exc.message}", pytrace=False)
+
+
+def test_kubernetes_validate_is_really_checking() -> None:
+    deployment = next(d for d in _k8s_docs() if d["kind"] == "Deployment")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] = "8080"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+    typo = yaml.safe_load(yaml.safe_dump(deployment))
+    typo["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSIONS[-1], strict=True)
+
+
+def test_k8s_manifests_agree() -> None:
     docs = _k8s_docs()
     by_kind = {d["kind"]: d for d in docs}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy",
             "Kustomization"} <= set(by_kind)
-    for path in load_yaml(K8S / "kustomization.yaml")["resources"]:
-        assert (K8S / path).is_file()
     deployment = by_kind["Deployment"]
     name = deployment["metadata"]["name"]
     labels = deployment["spec"]["template"]["metadata"]["labels"]

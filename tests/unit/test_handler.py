@@ -1,8 +1,8 @@
 """The handler in-process, with TorchServe's own Context, request decoding and metrics cache.
 
-The model is a synthetic three-stage ONNX chain built with onnx.helper (no torch, no export):
-its logits are linear in the input, so the expected exit of every row follows from the
-shared policy functions applied to numpy logits, i.e. the test checks handler == policy.
+The model is the synthetic three-stage ONNX chain of tests/toy_model.py: its logits are linear in the
+input, so the expected exit of every row follows from the shared policy functions applied to numpy
+logits, i.e. the test checks handler == policy.
 """
 from __future__ import annotations
 
@@ -16,89 +16,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from ts.context import Context
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 
-from early_exit.manifest import ExitSpec, Manifest, ManifestError, sha256_file, write_manifest
-from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, entry_for_budget, select_exits, softmax
-from serving.handler import METRICS, EarlyExitHandler, RejectReason
-
-REPO = Path(__file__).resolve().parents[2]
-METRICS_YAML = REPO / "serving" / "metrics.yaml"
-SHAPE = (1, 4, 4)
-CLASSES = ("zero", "one", "two")
-COSTS = [1.0, 2.5, 4.0]
-NEVER = 1.01
-TABLE = (
-    BudgetEntry(1.0, 0, (NEVER, NEVER, NEVER), 0.5, 1.0),
-    BudgetEntry(2.5, 1, (0.9, NEVER, NEVER), 0.6, 1.5),
-    BudgetEntry(4.0, 2, (0.8, 0.95, NEVER), 0.7, 2.0),
+from early_exit.manifest import ManifestError
+from early_exit.policy import entry_for_budget
+from early_exit.runner import FullGraphRunner
+from serving.handler import EarlyExitHandler
+from serving.metrics import METRICS
+from serving.rejections import RejectReason
+from tests.toy_model import (
+    CLASSES,
+    COSTS,
+    REPO,
+    _weights,
+    FULL_MFLOPS,
+    METRICS_YAML,
+    MODEL,
+    NEVER,
+    SHAPE,
+    TABLE,
+    build_model_dir,
+    reference,
 )
-MODEL = "toy"
-
-
-def _weights() -> list[np.ndarray]:
-    """Exit k's logits = flat(x) @ W_k; pixel 0 drives confidence, pixels 1 and 2 pick the class at depth."""
-    ws = []
-    for k, scale in enumerate((5.0, 10.0, 1.0)):
-        w = np.zeros((16, 3), dtype=np.float32)
-        w[0, 0] = scale
-        if k == 2:
-            w[1, 1] = w[2, 2] = 8.0
-        ws.append(w)
-    return ws
-
-
-def _stage_graph(k: int, w: np.ndarray, last: bool) -> onnx.ModelProto:
-    inp = "image" if k == 0 else f"features_{k}"
-    nodes = [helper.make_node("Flatten", [inp], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "W"], ["logits"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])]
-    if not last:
-        nodes.append(helper.make_node("Identity", [inp], [f"features_{k + 1}"]))
-        outputs.insert(0, helper.make_tensor_value_info(f"features_{k + 1}", TensorProto.FLOAT, ["N", *SHAPE]))
-    graph = helper.make_graph(nodes, f"stage_{k + 1}", [helper.make_tensor_value_info(inp, TensorProto.FLOAT,
-                              ["N", *SHAPE])], outputs, initializer=[numpy_helper.from_array(w, "W")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model)
-    return model
-
-
-def build_model_dir(folder: Path) -> Manifest:
-    ws = _weights()
-    exits = []
-    for k, w in enumerate(ws):
-        last = k == len(ws) - 1
-        name = f"stage_{k + 1}.onnx"
-        onnx.save(_stage_graph(k, w, last), folder / name)
-        exits.append(ExitSpec(index=k + 1, file=name, sha256=sha256_file(folder / name), mflops=COSTS[k],
-                              input_name="image" if k == 0 else f"features_{k}", logits_name="logits",
-                              features_name=None if last else f"features_{k + 1}"))
-    onnx.save(_stage_graph(0, ws[-1], True), folder / "full.onnx")
-    manifest = Manifest(
-        name=MODEL, version="1", dataset="synthetic", input_shape=SHAPE, classes=CLASSES,
-        confidence=ConfidenceMeasure.MAX_PROB, exits=tuple(exits), calibration=TABLE, default_budget_mflops=4.0,
-        opset=18, full_graph={"file": "full.onnx", "sha256": sha256_file(folder / "full.onnx"), "mflops": 4.0,
-                              "input_name": "image", "logits_name": "logits"},
-    )
-    write_manifest(manifest, folder)
-    return manifest
-
-
-def reference(x: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray]:
-    """Expected (0-based exit, class) per row: numpy logits through the shared policy."""
-    logits = [x.reshape(len(x), -1) @ w for w in _weights()]
-    conf = np.stack([confidence(softmax(l), ConfidenceMeasure.MAX_PROB) for l in logits], axis=1)
-    entry = entry_for_budget(budget, TABLE, COSTS)
-    exits = select_exits(conf, entry.thresholds, entry.max_exit)
-    classes = np.array([int(np.argmax(logits[e][i])) for i, e in enumerate(exits)])
-    return exits, classes
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +169,12 @@ def _bad_inputs() -> list[tuple[str, Any, RejectReason]]:
         ("gif", b"GIF89a" + b"\x00" * 30, RejectReason.UNDECODABLE_IMAGE),
         ("wrong shape", json.dumps({"data": np.zeros((1, 3, 4)).tolist()}).encode(), RejectReason.WRONG_SHAPE),
         ("ragged", json.dumps({"data": [[[0.1, 0.2], [0.3]]]}).encode(), RejectReason.WRONG_SHAPE),
-        ("scalar", b'{"data": 0.5}', RejectReason.WRONG_SHAPE),
+        ("scalar", b'{"data": 0.5}', RejectReason.BAD_JSON),
         ("nan", as_json(good).replace(b"0.5", b"NaN", 1), RejectReason.NON_FINITE),
         ("infinity", as_json(good).replace(b"0.5", b"Infinity", 1), RejectReason.NON_FINITE),
-        ("overflow", as_json(good).replace(b"0.5", b"1e999", 1), RejectReason.NON_FINITE),
+        ("overflow", as_json(good).replace(b"0.5", b"1e999", 1), RejectReason.OUT_OF_RANGE),
+        ("huge integer", as_json(good).replace(b"0.5", b"9" * 5000, 1), RejectReason.OUT_OF_RANGE),
+        ("beyond float32", as_json(good).replace(b"0.5", b"1e39", 1), RejectReason.OUT_OF_RANGE),
         ("above one", as_json(good).replace(b"0.5", b"1.5", 1), RejectReason.OUT_OF_RANGE),
         ("negative", as_json(good).replace(b"0.5", b"-0.1", 1), RejectReason.OUT_OF_RANGE),
         ("bad json", b'{"data": [1, 2', RejectReason.BAD_JSON),
@@ -363,7 +309,7 @@ def test_metrics_are_emitted_with_our_dimensions_first(served, caplog: pytest.Lo
             assert dims["Level"] == "Model" and kind == "COUNTER"
     assert sorted(d["Reason"] for _, d, _ in counts["RequestsRejected"]) == ["empty_body", "invalid_budget"]
     assert [v for v, _, _ in counts["ComputeSpentMFLOPs"]] == [pytest.approx(sum(COSTS[e] for e in exits))]
-    assert [v for v, _, _ in counts["ComputeFullMFLOPs"]] == [pytest.approx(4.0 * len(x))]
+    assert [v for v, _, _ in counts["ComputeFullMFLOPs"]] == [pytest.approx(FULL_MFLOPS * len(x))]
     assert {d["Stage"]: v for v, d, _ in counts["StageRuns"]} == {"1": 1.0, "2": 1.0, "3": 1.0}
     assert {d["Stage"]: v for v, d, _ in counts["StageRows"]} == {"1": 8.0, "2": float((exits >= 1).sum()),
                                                                   "3": float((exits >= 2).sum())}
@@ -423,15 +369,16 @@ def test_full_graph_only_mode(model_dir: Path) -> None:
     ctx = make_context(model_dir, {"mode": "full_graph_only"})
     handler = EarlyExitHandler()
     handler.initialize(ctx)
-    assert handler.sessions == [] and handler.full_session is not None
+    assert isinstance(handler.runner, FullGraphRunner)
     x = rows(PIXELS)
     results = run_batch(handler, ctx, [(as_json(r), {}) for r in x] + [(as_json(x[0]), {"X-Compute-Budget": "2.5"})])
     full_classes = [int(np.argmax(r.reshape(-1) @ _weights()[-1])) for r in x]
     for (status, hdrs, body), c in zip(results, full_classes):
         assert status == 200 and body["exit_index"] == 3 and body["class_index"] == c
-        assert body["mflops_spent"] == 4.0 and body["mode"] == "full_graph_only"
+        assert body["mflops_spent"] == FULL_MFLOPS and body["mode"] == "full_graph_only"
+        assert body["calibrated_budget_mflops"] is None
     assert results[-1][0] == 400 and results[-1][2]["reason"] == "budget_below_minimum"
-    assert results[-1][2]["valid_budget_mflops"] == {"min": 4.0, "full_depth": 4.0}
+    assert results[-1][2]["valid_budget_mflops"] == {"min": FULL_MFLOPS, "full_depth": FULL_MFLOPS}
 
 
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider'")
@@ -444,17 +391,20 @@ def test_cuda_is_used_only_when_really_active(model_dir: Path, monkeypatch: pyte
     caplog.set_level(logging.WARNING)
     handler = EarlyExitHandler()
     handler.initialize(make_context(model_dir, gpu=0))
-    assert handler.provider == "CPUExecutionProvider"
+    assert {s.get_providers()[0] for s in handler.runner.sessions} == {"CPUExecutionProvider"}
     assert "CUDA was requested" in caplog.text
 
 
 def test_torchserve_loader_accepts_the_module(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    """TorchServe's own loader on an unpacked-archive layout (handler.py + early_exit/ + graphs)."""
+    """TorchServe's own loader on an unpacked-archive layout (handler.py + early_exit/ + serving/ + graphs): it
+    finds the handler class itself (the module defines exactly one class and no module-level entry point)."""
     from ts.model_loader import TsModelLoader
 
     folder = tmp_path / "mar"
     shutil.copytree(model_dir, folder)
     shutil.copy(REPO / "serving" / "handler.py", folder / "handler.py")
+    shutil.copytree(REPO / "serving", folder / "serving")
+    shutil.copytree(REPO / "early_exit", folder / "early_exit")
     monkeypatch.syspath_prepend(str(folder))
     monkeypatch.delitem(__import__("sys").modules, "handler", raising=False)
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
@@ -468,11 +418,13 @@ def test_torchserve_loader_accepts_the_module(model_dir: Path, tmp_path: Path, m
     __import__("sys").modules.pop("handler", None)
 
 
-def test_serving_imports_only_what_the_worker_has() -> None:
-    """The worker has early_exit (from the archive), numpy, onnxruntime, PIL, ts and the stdlib: nothing else."""
+@pytest.mark.parametrize("module", ["handler", "budget", "decoding", "metrics", "options", "rejections"])
+def test_serving_imports_only_what_the_worker_has(module: str) -> None:
+    """The worker has early_exit and serving (from the archive), numpy, onnxruntime, PIL, pydantic, ts and the
+    stdlib: never training or export code."""
     import sys
 
-    tree = ast.parse((REPO / "serving" / "handler.py").read_text())
+    tree = ast.parse((REPO / "serving" / f"{module}.py").read_text())
     roots = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -480,4 +432,91 @@ def test_serving_imports_only_what_the_worker_has() -> None:
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             roots.add(node.module.split(".")[0])
     third_party = roots - set(sys.stdlib_module_names) - {"__future__"}
-    assert third_party == {"early_exit", "numpy", "onnxruntime", "PIL", "ts"}
+    assert third_party <= {"early_exit", "serving", "numpy", "onnxruntime", "PIL", "pydantic", "ts"}
+
+
+def test_handler_module_defines_one_class_for_torchserves_loader() -> None:
+    import inspect
+
+    import serving.handler as module
+
+    assert not hasattr(module, "handle")
+    classes = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+    assert classes == [EarlyExitHandler]
+
+
+def test_one_batch_mixing_good_requests_with_every_failing_kind(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every bad kind and an unexpected exception (a bug) in one batch: each gets its own answer, the good
+    requests are answered as if alone."""
+    import serving.handler as handler_module
+
+    handler, ctx = served
+    real = handler_module.decode_request
+
+    def buggy(row, headers, spec):
+        if headers.get("X-Test-Bug"):
+            raise RuntimeError("a bug in decoding")
+        return real(row, headers, spec)
+
+    monkeypatch.setattr(handler_module, "decode_request", buggy)
+    x = rows([1.0, 0.1, 0.5])
+    good = [(as_json(r), {}) for r in x]
+    bad = [(body, {}) for _, body, _ in BAD] + [(as_json(x[0]), {"X-Test-Bug": "1"})]
+    requests = [good[0], *bad[: len(bad) // 2], good[1], *bad[len(bad) // 2:], good[2]]
+    results = run_batch(handler, ctx, requests)
+    expected_exits, _ = reference(x, 4.0)
+    answers = [r for r in results if r[0] == 200]
+    assert [a[2]["exit_index"] for a in answers] == (expected_exits + 1).tolist()
+    failures = [r for r in results if r[0] != 200]
+    assert [f[2]["reason"] for f in failures] == [reason.value for _, _, reason in BAD] + ["internal_error"]
+    internal = failures[-1]
+    assert internal[0] == 500 and "a bug in decoding" not in internal[2]["error"]
+    assert "req-" in internal[2]["error"]  # names the request id the log line carries
+    for status, _, body in failures:
+        assert body["status"] == status and "Traceback" not in body["error"] and "object at 0x" not in body["error"]
+
+
+def test_budget_headers_in_several_cases_apply_the_smallest(served) -> None:
+    handler, ctx = served
+    x = rows([0.1])[0]  # not confident anywhere: answers at the deepest allowed exit
+    results = run_batch(handler, ctx, [
+        (as_json(x), {"X-Compute-Budget": "4", "x-compute-budget": "2.5"}),
+        (as_json(x), {"X-COMPUTE-BUDGET": "1", "x-compute-budget": "4"}),
+        (as_json(x), {"X-Compute-Budget": "4", "x-compute-budget": "lots"}),
+    ])
+    assert [r[0] for r in results] == [200, 200, 400]
+    assert results[0][2]["budget_mflops"] == 2.5 and results[0][2]["exit_index"] == 2
+    assert results[1][2]["budget_mflops"] == 1.0 and results[1][2]["exit_index"] == 1
+    assert results[2][2]["reason"] == "invalid_budget"
+
+
+def test_operator_ceiling_clips_budgets(model_dir: Path) -> None:
+    ctx = make_context(model_dir, {"max_budget_mflops": 2.5})
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    x = rows([0.1])[0]
+    results = run_batch(handler, ctx, [(as_json(x), {"X-Compute-Budget": "1000"}), (as_json(x), {}),
+                                       (as_json(x), {"X-Compute-Budget": "1"})])
+    for (status, hdrs, body), requested, clipped in zip(results, (1000.0, 4.0, 1.0), (True, True, False)):
+        assert status == 200 and body["budget_clipped"] is clipped
+        assert body["budget_requested_mflops"] == requested
+        assert body["budget_mflops"] == min(requested, 2.5) and body["mflops_spent"] <= 2.5
+    assert results[0][2]["exit_index"] == 2
+    with pytest.raises(ManifestError, match="below the cheapest"):
+        EarlyExitHandler().initialize(make_context(model_dir, {"max_budget_mflops": 0.5}))
+    with pytest.raises(ValueError, match="max_budget_mflops"):
+        EarlyExitHandler().initialize(make_context(model_dir, {"max_budget_mflops": "lots"}))
+
+
+def test_open_inference_protocol_v2_request_and_answer(served) -> None:
+    handler, ctx = served
+    x = rows([1.0])[0]
+    v2 = json.dumps({"id": "client-7", "inputs": [{"name": "image", "shape": [1, *SHAPE], "datatype": "FP32",
+                                                   "data": x.reshape(-1).tolist()}]}).encode()
+    results = run_batch(handler, ctx, [(v2, {}), (as_json(x), {})], content_type="application/json")
+    (status, _, body), (_, _, plain) = results
+    assert status == 200 and body["model_name"] == MODEL and body["id"] == "client-7"
+    (output,) = body["outputs"]
+    assert output["datatype"] == "FP32" and output["shape"] == [1, len(CLASSES)]
+    assert int(np.argmax(output["data"])) == plain["class_index"]
+    assert body["parameters"]["exit_index"] == plain["exit_index"]

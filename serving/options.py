@@ -1,0 +1,59 @@
+"""The handler's options: the `handler:` section of model-config.yaml, validated by pydantic.
+
+Every default is written here once; export writes the section from this model (export/archive.py)
+and the handler reads it back with `HandlerOptions.from_config`. Unknown keys refuse to load, so a
+typo in a deployment never goes unnoticed.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+
+
+class ServingMode(str, Enum):
+    """EARLY_EXIT runs the stages with the exit policy; FULL_GRAPH_ONLY answers from full.onnx (a baseline)."""
+
+    EARLY_EXIT = "early_exit"
+    FULL_GRAPH_ONLY = "full_graph_only"
+
+
+class OptionsError(ValueError):
+    """A `handler:` section that does not validate; the message is one line per problem."""
+
+
+def validation_message(exc: ValidationError, where: str) -> str:
+    """pydantic's errors as '<where>: field: problem; field: problem' (no input reprs, no URLs)."""
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
+    return f"{where}: " + "; ".join(parts)
+
+
+class HandlerOptions(BaseModel):
+    """Per-model handler settings (model-config.yaml `handler:`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: ServingMode = ServingMode.EARLY_EXIT
+    max_payload_bytes: PositiveInt = 1 << 20  # request body limit (bytes)
+    max_image_pixels: PositiveInt = 4096 * 4096  # decoded image limit (width x height)
+    top_k: PositiveInt = 5  # classes listed in an answer
+    intra_op_threads: PositiveInt = 1  # onnxruntime threads per session
+    # Operator ceiling (MFLOPs per input): a larger request budget, or default, is clipped to it and the
+    # answer says so. None: no ceiling.
+    max_budget_mflops: Annotated[float, Field(strict=False, gt=0, allow_inf_nan=False)] | None = None
+    profile: bool = Field(default=False, strict=True)  # read by TorchServe's @timed: ts_handler_* metrics
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any] | None) -> "HandlerOptions":
+        """Validate a parsed `handler:` section; raises OptionsError (one line) on any problem."""
+        try:
+            return cls.model_validate(dict(section or {}))
+        except ValidationError as exc:
+            raise OptionsError(validation_message(exc, "model-config.yaml handler section")) from None
+
+    def to_config(self) -> dict[str, Any]:
+        """The YAML-ready section (plain types), every key written so the archive shows what it serves."""
+        return self.model_dump(mode="json")
