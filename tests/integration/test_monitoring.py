@@ -78,7 +78,7 @@ def _late_inputs(tiny, want: int = 40, margin: float = 0.03) -> np.ndarray:
     """Inputs the policy sends to the deepest exit the default budget allows, with every earlier exit's
     confidence at least `margin` below its threshold."""
     manifest = tiny.manifest
-    entry = entry_for_budget(manifest.default_budget_mflops, manifest.calibration, manifest.exit_mflops)
+    entry = entry_for_budget(manifest.default_budget_mflops, manifest.calibration, manifest.staged_mflops)
     rng = np.random.default_rng(0)
     x, y = tiny.test_x, tiny.test_y
     i, j = rng.integers(0, len(x), 600), rng.integers(0, len(x), 600)
@@ -225,7 +225,7 @@ def test_dashboard_and_alerts_on_live_traffic(torchserve_server, prometheus) -> 
     live, prom = torchserve_server, prometheus
     tiny = live.tiny
     manifest = tiny.manifest
-    entry = entry_for_budget(manifest.default_budget_mflops, manifest.calibration, manifest.exit_mflops)
+    entry = entry_for_budget(manifest.default_budget_mflops, manifest.calibration, manifest.staged_mflops)
     assert entry.max_exit == manifest.num_exits - 1, "the default budget should allow the full network"
     clean_early = float(np.mean(tiny.offline_exits < entry.max_exit))
     assert clean_early >= 0.4, f"only {clean_early:.0%} of clean test digits exit early: nothing to drop from"

@@ -129,7 +129,8 @@ def test_every_error_case_gets_its_4xx_and_the_worker_survives(torchserve_server
     tiny = torchserve_server.tiny
     pids = torchserve_server.worker_pids()
     for name, body, reason, status in _error_bodies(tiny):
-        response = torchserve_server.predict(body, content_type="application/json" if body[:1] == b"{" else None)
+        response = torchserve_server.predict(
+            body, content_type="application/json" if body[:1] == b"{" else "application/octet-stream")
         assert response.status == status, (name, response.body)
         assert response.body["reason"] == reason and response.body["status"] == status, name
     # curl -d @input.json: form-urlencoded. (Binary bodies sent so may already fail in the frontend's form decoder.)
@@ -153,7 +154,7 @@ def test_mixed_budgets_and_a_bad_request_in_one_batch(torchserve_server) -> None
     tiny = torchserve_server.tiny
     costs = tiny.manifest.staged_mflops
     plan: list[tuple[bytes, str | None, str]] = [  # request j carries test image j + 2
-        (tiny.png(2), None, "ok"), (tiny.png(3), f"{costs[0]!r}", "ok"), (b"\x00garbage", None, "undecodable_image"),
+        (tiny.png(2), None, "ok"), (tiny.png(3), f"{costs[0]!r}", "ok"), (b"\x00garbage", None, "bad_json"),
         (tiny.json_body(5), f"{costs[1]!r}", "ok"), (tiny.png(6), "-1", "invalid_budget"),
         (tiny.png(7), f"{costs[-1]!r}", "ok"), (tiny.json_body(8), None, "ok"), (tiny.png(9), "1000", "ok"),
     ]
@@ -196,7 +197,7 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
     assert all(a.status == 200 for a in answers)
     assert live.predict(tiny.png(0), "nope").status == 400
     assert live.predict(b"").status == 400
-    assert live.predict(b'{"data": 1}').status == 400
+    assert live.predict(b'{"data": [1, 2]}').status == 400
 
     def delta(name: str, **labels: str) -> float:
         after = live.samples(name)
