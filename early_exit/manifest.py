@@ -80,6 +80,9 @@ class Manifest:
     default_budget_mflops: float
     opset: int
     full_graph: FullGraphSpec | None = None
+    # Per exit: share of validation images on which the exit's answer equals the last exit's (the audit's
+    # "normal"); None when the export did not measure it.
+    exit_agreement: tuple[float, ...] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -110,6 +113,7 @@ class Manifest:
             "confidence": self.confidence.value,
             "exits": [asdict(e) for e in self.exits],
             "full_graph": asdict(self.full_graph) if self.full_graph else None,
+            "exit_agreement": list(self.exit_agreement) if self.exit_agreement is not None else None,
             "calibration": [r.to_dict() for r in self.calibration],
             "default_budget_mflops": self.default_budget_mflops,
             "opset": self.opset,
@@ -202,6 +206,12 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
     default_budget = float(_require(d, "default_budget_mflops", (int, float)))
     if not math.isfinite(default_budget) or default_budget < costs[0]:
         raise ManifestError(f"default budget {default_budget} is below the cheapest exit")
+    agreement = d.get("exit_agreement")
+    if agreement is not None:
+        if not isinstance(agreement, list) or len(agreement) != len(exits) or not all(
+                isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in agreement):
+            raise ManifestError(f"exit_agreement must list {len(exits)} fractions in [0, 1]")
+        agreement = tuple(float(a) for a in agreement)
     background = float(_require(d, "input_background", (int, float)))
     if not 0.0 <= background <= 1.0:
         raise ManifestError(f"input_background must be in [0, 1], got {background}")
@@ -218,6 +228,7 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
         default_budget_mflops=default_budget,
         opset=int(_require(d, "opset", int)),
         full_graph=full,
+        exit_agreement=agreement,
         versions=dict(d.get("versions", {})),
         evaluation=dict(d.get("evaluation", {})),
         extra=dict(d.get("extra", {})),

@@ -46,6 +46,9 @@ class RunResult:
     confidence: np.ndarray  # (N,) float64, the manifest's confidence measure of `probs`
     mflops: np.ndarray  # (N,) float64, staged cost of the answer (MFLOPs per input)
     logits: list[np.ndarray] | None = None  # per exit (N, C) float32, NaN where a row had left; keep_logits only
+    # Rows asked for in `run(..., audit=...)` that left before the last exit: (row, exit, features_k) each, so the
+    # remaining stages can run later (`StagedRunner.finish`) without redoing stages 1..k.
+    audit: list[tuple[int, int, np.ndarray]] | None = None
 
 
 def open_session(path: str | Path, intra_op_threads: int = 1, device_id: int | None = None) -> Any:
@@ -128,12 +131,16 @@ class StagedRunner:
         return self.manifest.num_exits
 
     def run(self, x: np.ndarray, thresholds: np.ndarray | Sequence[float], max_exits: np.ndarray | int,
-            keep_logits: bool = False) -> RunResult:
+            keep_logits: bool = False, audit: np.ndarray | None = None, start: int = 0, record: bool = True
+            ) -> RunResult:
         """Answer a batch under per-row thresholds and caps.
 
         x: (N, C, H, W) float32 in [0, 1]; thresholds: (K,) shared or (N, K) per row; max_exits: the
         deepest exit (0-based) each row may reach, shared or (N,). Stage k runs only on the rows that
         have not left. With keep_logits, every exit's logits are returned for the rows that reached it.
+        audit: (N,) bool, rows whose features are kept when they leave before the last exit (RunResult.audit).
+        start: the first stage to run (0-based); x is then that stage's input, features_{start} (`finish`).
+        record: call the stage hook (False for work that is not traffic, such as the audit).
         """
         x = np.ascontiguousarray(x, dtype=np.float32)
         n, k_exits = len(x), self.num_exits
@@ -145,13 +152,16 @@ class StagedRunner:
         probs: np.ndarray | None = None
         conf_out = np.zeros(n, dtype=np.float64)
         kept: list[np.ndarray] | None = [] if keep_logits else None
+        audited: list[tuple[int, int, np.ndarray]] | None = None if audit is None else []
+        audit_rows = None if audit is None else _per_row(audit, n, None, "audit").astype(bool)
         pending = np.arange(n)
         features = x
-        for k, (spec, session) in enumerate(zip(self.manifest.exits, self.sessions)):
+        for k in range(start, k_exits):
+            spec, session = self.manifest.exits[k], self.sessions[k]
             if not pending.size:
                 break
             outputs = _timed_run(session, self._outputs[k], {spec.input_name: features}, str(spec.index),
-                                 self.on_stage)
+                                 self.on_stage if record else None)
             logits = outputs[-1]
             p = softmax(logits)
             c = confidence(p, self.manifest.confidence)
@@ -164,12 +174,25 @@ class StagedRunner:
             leave = exit_mask(c, thresholds[pending, k], k, max_exits[pending])
             rows = pending[leave]
             exits[rows], probs[rows], conf_out[rows] = k, p[leave], c[leave]
+            if audited is not None and k < k_exits - 1:
+                for j in np.flatnonzero(leave & audit_rows[pending]):
+                    audited.append((int(pending[j]), k, outputs[0][j].copy()))
             pending = pending[~leave]
             if pending.size:
                 features = outputs[0][~leave]
         if kept:  # every row left before the last stage: the exits nobody reached are all NaN
             kept.extend(np.full_like(kept[0], np.nan) for _ in range(k_exits - len(kept)))
-        return RunResult(exits, probs if probs is not None else np.zeros((0, 0)), conf_out, self.costs[exits], kept)
+        return RunResult(exits, probs if probs is not None else np.zeros((0, 0)), conf_out, self.costs[exits], kept,
+                         audited)
+
+    def finish(self, features: np.ndarray, exit: int) -> tuple[np.ndarray, float]:
+        """The last exit's probabilities (M, C) for rows that left at `exit` (0-based), from their features_exit,
+        running only the stages after it; and what that cost per row in MFLOPs (staged cost of the last exit
+        minus that of `exit`). Used by the audit of early answers."""
+        if not 0 <= exit < self.num_exits - 1:
+            raise ValueError(f"exit must be in [0, {self.num_exits - 2}] to have stages after it")
+        result = self.run(features, NEVER, self.num_exits - 1, start=exit + 1, record=False)
+        return result.probs, float(self.costs[-1] - self.costs[exit])
 
     def exit_logits(self, x: np.ndarray) -> list[np.ndarray]:
         """Every exit's logits for every row (no early exit): the chain export checks against PyTorch."""
@@ -201,8 +224,10 @@ class FullGraphRunner:
         return self.manifest.num_exits
 
     def run(self, x: np.ndarray, thresholds: np.ndarray | Sequence[float] | None = None,
-            max_exits: np.ndarray | int | None = None, keep_logits: bool = False) -> RunResult:
-        """Full-graph answers; thresholds and caps are accepted for interface parity and ignored."""
+            max_exits: np.ndarray | int | None = None, keep_logits: bool = False, audit: np.ndarray | None = None
+            ) -> RunResult:
+        """Full-graph answers; thresholds, caps and audit rows are accepted for interface parity and ignored
+        (every answer comes from the last exit: nothing to audit)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         logits = _timed_run(self.session, [self.spec.logits_name], {self.spec.input_name: x}, "full",
                             self.on_stage)[0]

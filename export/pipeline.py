@@ -168,6 +168,7 @@ def build_manifest(
             full_graph=None if full is None else FullGraphSpec(
                 file=full.file, sha256=sha256[full.file], mflops=cost.full, input_name=full.input_name,
                 logits_name=full.logits_name),
+            exit_agreement=calibration.exit_agreement,
             versions=versions(),
             evaluation=jsonable(calibration.evaluation),
             extra=jsonable({"calibration_tolerance": calibration.tolerance, **(extra or {})}),

@@ -7,6 +7,7 @@ handlers are (base handler -> vision handler -> image classifier):
     serving/budget.py     X-Compute-Budget header(s), default and ceiling -> BudgetDecision
     early_exit/runner.py  the staged runner (or the full-graph runner): answers, exits, staged costs
     serving/metrics.py    metric specs, registration, emission
+    serving/audit.py      the live audit of early answers (a sampled share, off the request path)
     serving/options.py    the `handler:` section of model-config.yaml
 
 The archive holds `manifest.json`, one ONNX graph per stage, optionally `full.onnx`, and the
@@ -42,6 +43,7 @@ from ts.torch_handler.base_handler import BaseHandler
 import early_exit
 from early_exit.manifest import Manifest, ManifestError, load_manifest, verify_files
 from early_exit.runner import NEVER, FullGraphRunner, RunResult, StagedRunner
+from serving.audit import AuditJob, AuditOutcome, Auditor
 from serving.budget import BudgetResolver, Prepared
 from serving.decoding import InputSpec, Protocol, decode_request, v2_outputs
 from serving.metrics import MetricName, Metrics
@@ -62,6 +64,7 @@ class EarlyExitHandler(BaseHandler):
         self.budgets: BudgetResolver | None = None
         self.input_spec: InputSpec | None = None
         self.metrics: Metrics | None = None
+        self.auditor: Auditor | None = None
         self.full_mflops = 0.0
         self._batch_ids = ""
 
@@ -98,8 +101,15 @@ class EarlyExitHandler(BaseHandler):
                                     self.options.max_payload_bytes, self.options.max_image_pixels)
         self.full_mflops = manifest.cost.full
         self._warm_up()
+        early = [str(e.index) for e in manifest.exits[:-1]]
+        if isinstance(self.runner, StagedRunner) and self.options.audit_rate > 0:
+            self.auditor = Auditor(self.runner, self.metrics, self.options.audit_rate, self.options.audit_queue_size,
+                                   self.options.audit_seed)
         answered = [str(manifest.num_exits)] if self.options.mode is ServingMode.FULL_GRAPH_ONLY else stages
-        self.metrics.start_series(answered, stages, [r.value for r in RejectReason])
+        self.metrics.start_series(answered, stages, [r.value for r in RejectReason],
+                                  early if self.auditor else (), [o.value for o in AuditOutcome])
+        for exit_index, agreement in zip(early, manifest.exit_agreement or ()):
+            self.metrics.emit(MetricName.VALIDATION_AGREEMENT, agreement, exit_index)
         self.initialized = True
         logger.info("loaded %s v%s: %d exits, staged MFLOPs %s, mode %s, default budget %g, ceiling %s",
                     manifest.name, manifest.version, manifest.num_exits, manifest.staged_mflops,
@@ -157,17 +167,19 @@ class EarlyExitHandler(BaseHandler):
         x = np.stack([p.request.x for p in valid])
         thresholds = np.stack([p.budget.entry.thresholds if p.budget.entry else np.full(k, NEVER) for p in valid])
         max_exits = np.array([p.budget.max_exit for p in valid])
-        return prepared, self.runner.run(x, thresholds, max_exits)
+        audit = self.auditor.sample(len(valid)) if self.auditor else None
+        return prepared, self.runner.run(x, thresholds, max_exits, audit=audit)
 
     @timed
     def postprocess(self, inference_output: tuple[list[Prepared | RequestRejected], RunResult | None]
                     ) -> list[dict[str, Any]]:
-        """JSON bodies, per-request status and headers, and the batch's metrics."""
+        """JSON bodies, per-request status and headers, the batch's metrics, and its audit jobs (queued last)."""
         prepared, result = inference_output
         responses: list[dict[str, Any]] = []
         exits: dict[int, int] = {}
         spent = full = 0.0
         row = 0
+        request_ids: list[str] = []  # of the answered rows, in row order
         for idx, item in enumerate(prepared):
             self.context.set_response_content_type(idx, "application/json")
             if isinstance(item, RequestRejected):
@@ -178,6 +190,7 @@ class EarlyExitHandler(BaseHandler):
                 responses.append(item.body())
                 continue
             body = self._answer_body(item, result, row)
+            request_ids.append(self.context.get_request_id(idx))
             row += 1
             exits[body["exit_index"]] = exits.get(body["exit_index"], 0) + 1
             spent += body["mflops_spent"]
@@ -197,6 +210,9 @@ class EarlyExitHandler(BaseHandler):
         if exits:
             self.metrics.emit(MetricName.COMPUTE_SPENT, spent, request_id=self._batch_ids)
             self.metrics.emit(MetricName.COMPUTE_FULL, full, request_id=self._batch_ids)
+        if self.auditor is not None and result is not None and result.audit:
+            self.auditor.submit([AuditJob(exit, features, int(result.probs[r].argmax()), request_ids[r])
+                                 for r, exit, features in result.audit])
         return responses
 
     def _answer_body(self, item: Prepared, result: RunResult, row: int) -> dict[str, Any]:

@@ -27,6 +27,10 @@ class MetricName(str, Enum):
     COMPUTE_FULL = "ComputeFullMFLOPs"  # what the same answers would have cost at full depth
     REQUESTS_REJECTED = "RequestsRejected"
     BUDGET_CLIPPED = "BudgetClipped"  # requests whose budget the operator ceiling lowered
+    EARLY_EXIT_AUDIT = "EarlyExitAudit"  # audited early answers by exit and outcome (serving/audit.py)
+    AUDIT_DROPPED = "EarlyExitAuditDropped"
+    AUDIT_COMPUTE = "AuditComputeMFLOPs"
+    VALIDATION_AGREEMENT = "EarlyExitValidationAgreement"  # per exit, from the manifest
     STAGE_TIME = "StageTimeMs"
     STAGE_RUNS = "StageRuns"
     STAGE_ROWS = "StageRows"
@@ -52,6 +56,10 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec(MetricName.COMPUTE_FULL, "MFLOPs", (), MetricTypes.COUNTER),
     MetricSpec(MetricName.REQUESTS_REJECTED, "count", ("Reason",), MetricTypes.COUNTER),
     MetricSpec(MetricName.BUDGET_CLIPPED, "count", (), MetricTypes.COUNTER),
+    MetricSpec(MetricName.EARLY_EXIT_AUDIT, "count", ("ExitIndex", "Outcome"), MetricTypes.COUNTER),
+    MetricSpec(MetricName.AUDIT_DROPPED, "count", (), MetricTypes.COUNTER),
+    MetricSpec(MetricName.AUDIT_COMPUTE, "MFLOPs", (), MetricTypes.COUNTER),
+    MetricSpec(MetricName.VALIDATION_AGREEMENT, "ratio", ("ExitIndex",), MetricTypes.GAUGE),
     MetricSpec(MetricName.STAGE_TIME, "ms", ("Stage",), MetricTypes.COUNTER),
     MetricSpec(MetricName.STAGE_RUNS, "count", ("Stage",), MetricTypes.COUNTER),
     MetricSpec(MetricName.STAGE_ROWS, "count", ("Stage",), MetricTypes.COUNTER),
@@ -83,14 +91,20 @@ class Metrics:
     def emit(self, name: MetricName, value: float, *dimensions: str, request_id: str = "") -> None:
         self._metrics[name].add_or_update(value, [*dimensions, self.model_name, LEVEL], request_id)
 
-    def start_series(self, exits: Iterable[str], stages: Iterable[str], reasons: Iterable[str]) -> None:
+    def start_series(self, exits: Iterable[str], stages: Iterable[str], reasons: Iterable[str],
+                     audited: Iterable[str] = (), outcomes: Iterable[str] = ()) -> None:
         """Every counter series at 0 from load on: ratios and rates over label values (exit k of K, a reason)
         must not start from missing series on a fresh server. Histograms cannot be started without a sample."""
         for exit_index in exits:
             self.emit(MetricName.EARLY_EXIT_COUNT, 0, exit_index)
         for reason in reasons:
             self.emit(MetricName.REQUESTS_REJECTED, 0, reason)
-        for name in (MetricName.COMPUTE_SPENT, MetricName.COMPUTE_FULL, MetricName.BUDGET_CLIPPED):
+        outcomes = list(outcomes)
+        for exit_index in audited:
+            for outcome in outcomes:
+                self.emit(MetricName.EARLY_EXIT_AUDIT, 0, exit_index, outcome)
+        for name in (MetricName.COMPUTE_SPENT, MetricName.COMPUTE_FULL, MetricName.BUDGET_CLIPPED,
+                     MetricName.AUDIT_DROPPED, MetricName.AUDIT_COMPUTE):
             self.emit(name, 0)
         for stage in stages:
             for name in (MetricName.STAGE_TIME, MetricName.STAGE_RUNS, MetricName.STAGE_ROWS):

@@ -44,6 +44,11 @@ class HandlerOptions(BaseModel):
     # Operator ceiling (MFLOPs per input): a larger request budget, or default, is clipped to it and the
     # answer says so. None: no ceiling.
     max_budget_mflops: Annotated[float, Field(strict=False, gt=0, allow_inf_nan=False)] | None = None
+    # Share of requests whose early answer is audited against the last exit, off the request path
+    # (serving/audit.py); 0 turns the audit off. Audits waiting beyond audit_queue_size are dropped.
+    audit_rate: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.01
+    audit_queue_size: PositiveInt = 256
+    audit_seed: Annotated[int, Field(strict=True)] | None = None  # None: a fresh random sample per worker
     profile: bool = Field(default=False, strict=True)  # read by TorchServe's @timed: ts_handler_* metrics
 
     @classmethod

@@ -31,6 +31,7 @@ TABLE = (
     BudgetEntry(4.0, 2, (0.8, 0.95, NEVER), 0.7, 2.0),
 )
 MODEL = "toy"
+EXIT_AGREEMENT = (0.9, 0.95, 1.0)  # what the audit should see (validation agreement with the last exit)
 
 
 def _weights() -> list[np.ndarray]:
@@ -77,6 +78,7 @@ def build_model_dir(folder: Path) -> Manifest:
         default_budget_mflops=4.0, opset=18,
         full_graph=FullGraphSpec(file="full.onnx", sha256=sha256_file(folder / "full.onnx"), mflops=FULL_MFLOPS,
                                  input_name="image", logits_name="logits"),
+        exit_agreement=EXIT_AGREEMENT,
     )
     write_manifest(manifest, folder)
     return manifest

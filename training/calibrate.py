@@ -147,6 +147,16 @@ def sweep(
     return rows
 
 
+def agreement_with_last_exit(outputs: ExitOutputs) -> list[float]:
+    """Per exit, the share of samples whose answer equals the last exit's (1.0 for the last exit itself).
+
+    On the validation split this is what the server's audit of early answers should see in production
+    (serving/audit.py); a drop means drifted inputs or an attack aimed at an early exit.
+    """
+    answers = outputs.probs.argmax(-1)  # K x N
+    return [float(a) for a in (answers == answers[-1][None, :]).mean(axis=1)]
+
+
 class CalibrationError(ValueError):
     """calibration.json is missing, malformed, or belongs to another checkpoint."""
 
@@ -162,11 +172,13 @@ class Calibration:
     default_budget_mflops: float
     checkpoint_sha256: str
     evaluation: dict[str, Any]  # the evaluation summary the manifest carries (JSON types only)
+    exit_agreement: tuple[float, ...] | None = None  # per exit, validation agreement with the last exit
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": CALIBRATION_FORMAT, "checkpoint_sha256": self.checkpoint_sha256,
                 "confidence": self.confidence.value, "tolerance": self.tolerance, "cost": self.cost.to_dict(),
                 "default_budget_mflops": self.default_budget_mflops, "table": [r.to_dict() for r in self.table],
+                "exit_agreement": None if self.exit_agreement is None else list(self.exit_agreement),
                 "evaluation": self.evaluation}
 
 
@@ -213,6 +225,7 @@ def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> 
             cost=CostProfile.from_dict(d["cost"]), table=tuple(BudgetEntry.from_dict(r) for r in d["table"]),
             default_budget_mflops=float(d["default_budget_mflops"]), checkpoint_sha256=str(d["checkpoint_sha256"]),
             evaluation=dict(d.get("evaluation") or {}),
+            exit_agreement=None if d.get("exit_agreement") is None else tuple(float(a) for a in d["exit_agreement"]),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, CalibrationError):

@@ -58,20 +58,11 @@ REJECT_EVERY = 25            # every 25th request carries a bad budget header (4
 
 # ----------------------------------------------------------------------------- traffic
 def _exit_logits(tiny, x: np.ndarray) -> list[np.ndarray]:
-    """Every exit's logits from the exported stage graphs (batched; the margin below absorbs rounding)."""
-    import onnxruntime as ort
+    """Every exit's logits from the exported stage graphs through the staged runner (batched; the margin below
+    absorbs rounding)."""
+    from early_exit.runner import StagedRunner
 
-    manifest = tiny.manifest
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    out, features = [], x
-    for spec in manifest.exits:
-        session = ort.InferenceSession(str(tiny.export_dir / spec.file), opts, providers=["CPUExecutionProvider"])
-        names = [spec.features_name, spec.logits_name] if spec.features_name else [spec.logits_name]
-        outputs = session.run(names, {spec.input_name: features})
-        out.append(outputs[-1])
-        features = outputs[0]
-    return out
+    return StagedRunner.from_folder(tiny.manifest, tiny.export_dir).exit_logits(x)
 
 
 def _late_inputs(tiny, want: int = 40, margin: float = 0.03) -> np.ndarray:
@@ -257,6 +248,10 @@ def test_dashboard_and_alerts_on_live_traffic(torchserve_server, prometheus) -> 
                          what="EarlyExitRateDrop to fire on late-exiting traffic")
         compute = wait_for(lambda: _firing(prom, "ComputePerRequestNearFull"), timeout=30,
                            what="ComputePerRequestNearFull to fire on late-exiting traffic")
+        # The ALERTS series is written at the rule evaluation after the API reports firing: wait for it, so the
+        # range queries below (which end now) see it.
+        wait_for(lambda: prom.query('ALERTS{alertstate="firing"}'), timeout=10, what="the ALERTS series")
+        time.sleep(2)
         end = time.time()
         # Every panel query and every rule while the traffic still flows.
         missing = []

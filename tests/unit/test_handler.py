@@ -321,13 +321,15 @@ def test_metrics_are_emitted_with_our_dimensions_first(served, caplog: pytest.Lo
 def test_every_counter_series_starts_at_zero_on_load(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     EarlyExitHandler().initialize(make_context(model_dir))
-    lines = _metric_lines(caplog)
+    lines = [line for line in _metric_lines(caplog) if line[3] == "COUNTER"]  # gauges carry the manifest's figures
     assert all(float(v) == 0 for _, v, _, _ in lines)
     started = {(name, next(iter(dims.values()))) for name, _, dims, _ in lines}
     assert {("EarlyExitCount", str(k)) for k in (1, 2, 3)} <= started
     assert {("RequestsRejected", r.value) for r in RejectReason} <= started
     assert {(n, str(k)) for n in ("StageTimeMs", "StageRuns", "StageRows") for k in (1, 2, 3)} <= started
     assert {("ComputeSpentMFLOPs", "toy"), ("ComputeFullMFLOPs", "toy")} <= started
+    audit = {(d["ExitIndex"], d["Outcome"]) for name, _, d, _ in lines if name == "EarlyExitAudit"}
+    assert audit == {(e, o) for e in ("1", "2") for o in ("agree", "disagree", "error")}
 
 
 def test_metrics_yaml_declares_every_handler_metric_in_emission_order() -> None:

@@ -89,3 +89,24 @@ def test_budget_entry_rows_are_usable_directly(model_dir: Path) -> None:
     entry: BudgetEntry = TABLE[1]
     result = runner.run(_x(16), entry.thresholds, entry.max_exit)
     assert result.exits.max() <= 1 and (result.mflops <= entry.budget_mflops).all()
+
+
+def test_audit_keeps_features_and_finish_runs_only_the_remaining_stages(model_dir: Path) -> None:
+    calls: list[str] = []
+    runner = StagedRunner.from_folder(load_manifest(model_dir), model_dir, on_stage=lambda s, r, ms: calls.append(s))
+    x = _x(12, seed=5)
+    entry = TABLE[-1]
+    audit = np.arange(12) % 2 == 0
+    result = runner.run(x, entry.thresholds, entry.max_exit, audit=audit)
+    early = {i for i in range(12) if audit[i] and result.exits[i] < 2}
+    assert early and len(early) < 12, "the batch should mix early and late rows"
+    assert {row for row, _, _ in result.audit} == early
+    final = _numpy_logits(x)[-1]
+    for row, exit, features in result.audit:
+        calls.clear()
+        probs, cost = runner.finish(features[None], exit)
+        assert calls == []  # audit work is not traffic: no stage metrics
+        np.testing.assert_allclose(probs[0], softmax(final[row]), atol=1e-6)
+        assert cost == pytest.approx(COSTS[-1] - COSTS[exit])
+    with pytest.raises(ValueError):
+        runner.finish(x, 2)
