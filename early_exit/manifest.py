@@ -80,9 +80,10 @@ class Manifest:
     default_budget_mflops: float
     opset: int
     full_graph: FullGraphSpec | None = None
-    # Per exit: share of validation images on which the exit's answer equals the last exit's (the audit's
-    # "normal"); None when the export did not measure it.
-    exit_agreement: tuple[float, ...] | None = None
+    # Per exit: among validation images the policy answers at that exit (default budget), the share whose
+    # answer equals the last exit's: the audit's "normal" (None for an exit nobody left at; the whole field is
+    # None when the export did not measure it).
+    exit_agreement: tuple[float | None, ...] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -209,9 +210,10 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
     agreement = d.get("exit_agreement")
     if agreement is not None:
         if not isinstance(agreement, list) or len(agreement) != len(exits) or not all(
-                isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0 for a in agreement):
-            raise ManifestError(f"exit_agreement must list {len(exits)} fractions in [0, 1]")
-        agreement = tuple(float(a) for a in agreement)
+                a is None or (isinstance(a, (int, float)) and not isinstance(a, bool) and 0.0 <= a <= 1.0)
+                for a in agreement):
+            raise ManifestError(f"exit_agreement must list {len(exits)} fractions in [0, 1] (or null)")
+        agreement = tuple(None if a is None else float(a) for a in agreement)
     background = float(_require(d, "input_background", (int, float)))
     if not 0.0 <= background <= 1.0:
         raise ManifestError(f"input_background must be in [0, 1], got {background}")

@@ -109,7 +109,8 @@ class EarlyExitHandler(BaseHandler):
         self.metrics.start_series(answered, stages, [r.value for r in RejectReason],
                                   early if self.auditor else (), [o.value for o in AuditOutcome])
         for exit_index, agreement in zip(early, manifest.exit_agreement or ()):
-            self.metrics.emit(MetricName.VALIDATION_AGREEMENT, agreement, exit_index)
+            if agreement is not None:
+                self.metrics.emit(MetricName.VALIDATION_AGREEMENT, agreement, exit_index)
         self.initialized = True
         logger.info("loaded %s v%s: %d exits, staged MFLOPs %s, mode %s, default budget %g, ceiling %s",
                     manifest.name, manifest.version, manifest.num_exits, manifest.staged_mflops,

@@ -147,14 +147,22 @@ def sweep(
     return rows
 
 
-def agreement_with_last_exit(outputs: ExitOutputs) -> list[float]:
-    """Per exit, the share of samples whose answer equals the last exit's (1.0 for the last exit itself).
+def agreement_with_last_exit(outputs: ExitOutputs, entry: BudgetEntry,
+                             measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> list[float | None]:
+    """Per exit k, among the samples the policy answers at k under `entry` (a calibrated budget row), the share
+    whose answer equals the last exit's; None where no sample leaves at k (1.0 for the last exit itself).
 
-    On the validation split this is what the server's audit of early answers should see in production
-    (serving/audit.py); a drop means drifted inputs or an attack aimed at an early exit.
+    The audit of early answers (serving/audit.py) measures exactly this population in production: the
+    confident answers that left early. On the validation split it is what "normal" looks like; a drop
+    means drifted inputs or an attack aimed at an early exit.
     """
+    exits = select_exits(outputs.confidences(measure), entry.thresholds, entry.max_exit)
     answers = outputs.probs.argmax(-1)  # K x N
-    return [float(a) for a in (answers == answers[-1][None, :]).mean(axis=1)]
+    out: list[float | None] = []
+    for k in range(answers.shape[0]):
+        rows = exits == k
+        out.append(float((answers[k, rows] == answers[-1, rows]).mean()) if rows.any() else None)
+    return out
 
 
 class CalibrationError(ValueError):
@@ -172,7 +180,7 @@ class Calibration:
     default_budget_mflops: float
     checkpoint_sha256: str
     evaluation: dict[str, Any]  # the evaluation summary the manifest carries (JSON types only)
-    exit_agreement: tuple[float, ...] | None = None  # per exit, validation agreement with the last exit
+    exit_agreement: tuple[float | None, ...] | None = None  # per exit: agreement_with_last_exit on validation
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": CALIBRATION_FORMAT, "checkpoint_sha256": self.checkpoint_sha256,
@@ -225,7 +233,8 @@ def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> 
             cost=CostProfile.from_dict(d["cost"]), table=tuple(BudgetEntry.from_dict(r) for r in d["table"]),
             default_budget_mflops=float(d["default_budget_mflops"]), checkpoint_sha256=str(d["checkpoint_sha256"]),
             evaluation=dict(d.get("evaluation") or {}),
-            exit_agreement=None if d.get("exit_agreement") is None else tuple(float(a) for a in d["exit_agreement"]),
+            exit_agreement=None if d.get("exit_agreement") is None else tuple(
+                None if a is None else float(a) for a in d["exit_agreement"]),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         if isinstance(exc, CalibrationError):

@@ -32,13 +32,15 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "mnist_tiny"
 TRAIN_SAMPLES, VAL_SAMPLES, TEST_SAMPLES = 4000, 1000, 300
-SERVE_OPTIONS = {"max_payload_bytes": 262_144, "top_k": 3, "intra_op_threads": 1}
+# audit_rate 1: every early answer is audited, so the audit's metrics and alert move within seconds
+SERVE_OPTIONS = {"max_payload_bytes": 262_144, "top_k": 3, "intra_op_threads": 1, "audit_rate": 1.0}
 MAX_BATCH_DELAY_MS = 20  # long enough that concurrent requests share a batch, short enough for serial tests
 
 
 @dataclass
 class TinyModel:
     name: str
+    checkpoint: Path  # the trained tiny model (training.checkpoint format), for attacks built during a test
     export_dir: Path
     model_store: Path
     mar: Path
@@ -103,8 +105,8 @@ def _build_tiny(root: Path) -> TinyModel:
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
     from early_exit.policy import ConfidenceMeasure
-    from training.calibrate import Calibration, ExitOutputs, calibrate_table, calibration_path, file_sha256, \
-        write_calibration
+    from training.calibrate import Calibration, ExitOutputs, agreement_with_last_exit, calibrate_table, \
+        calibration_path, file_sha256, write_calibration
     from training.checkpoint import make_checkpoint, save_checkpoint
     from training.data import Split, dataset_info, load_tensors, prepare_data
 
@@ -117,11 +119,13 @@ def _build_tiny(root: Path) -> TinyModel:
         val_logits = [l.numpy() for l in model(vx)]
     cost = model.cost_profile()
     exit_mflops = cost.staged
-    table = calibrate_table(ExitOutputs.from_logits(val_logits, vy.numpy()), exit_mflops)
+    val_outputs = ExitOutputs.from_logits(val_logits, vy.numpy())
+    table = calibrate_table(val_outputs, exit_mflops)
     ckpt = make_checkpoint(model, dataset_info("mnist").to_dict(), {"purpose": "integration test", "loss": "ce"})
     ckpt_path = save_checkpoint(ckpt, root / "tiny.pt")
     write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.003, cost, tuple(table), exit_mflops[-1],
-                                  file_sha256(ckpt_path), {"purpose": "integration test"}),
+                                  file_sha256(ckpt_path), {"purpose": "integration test"},
+                                  tuple(agreement_with_last_exit(val_outputs, table[-1]))),
                       calibration_path(ckpt_path))
     trained = time.monotonic()
     ceiling = round(2 * exit_mflops[-1], 3)
@@ -136,7 +140,7 @@ def _build_tiny(root: Path) -> TinyModel:
     tx, ty = load_tensors("mnist", data_dir, Split.TEST, limit=TEST_SAMPLES)
     test_x = tx.numpy().astype(np.float32)
     exit_logits = _ort_exit_logits(result.out_dir, manifest, test_x)
-    tiny = TinyModel(MODEL_NAME, result.out_dir, store, mar, manifest, test_x, ty.numpy(), ceiling, np.empty(0),
+    tiny = TinyModel(MODEL_NAME, ckpt_path, result.out_dir, store, mar, manifest, test_x, ty.numpy(), ceiling, np.empty(0),
                      np.empty(0), exit_logits)
     tiny.offline_exits, tiny.offline_classes = tiny.offline()
     print("\ntiny model: trained+calibrated in %.1f s, exported+archived in %.1f s; exit MFLOPs %s; "

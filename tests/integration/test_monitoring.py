@@ -295,3 +295,71 @@ def test_dashboard_and_alerts_on_live_traffic(torchserve_server, prometheus) -> 
     for group in prom.rule_groups():
         for rule in group["rules"]:
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+
+
+# ----------------------------------------------------------------------------- the audit of early answers
+def _exit1_attack(tiny, want: int = 40) -> np.ndarray:
+    """Test digits perturbed (L-inf 0.3, PGD on the torch model) so that exit 1 answers a wrong class confidently
+    while the last exit keeps the true one; kept where the served policy (staged runner) really answers them
+    early and the last exit disagrees."""
+    import torch
+
+    from early_exit.runner import StagedRunner
+    from training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(tiny.checkpoint)).eval()
+    x = torch.from_numpy(tiny.test_x[:200])
+    y = torch.from_numpy(tiny.test_y[:200]).long()
+    target = (y + 1) % 10
+    eps, step = 0.3, 0.02
+    adv = x.clone()
+    for _ in range(40):
+        adv.requires_grad_(True)
+        logits = model.forward_exits(adv)
+        loss = torch.nn.functional.cross_entropy(logits[0], target) + torch.nn.functional.cross_entropy(logits[-1], y)
+        (grad,) = torch.autograd.grad(loss, adv)
+        adv = (adv.detach() - step * grad.sign()).clamp(x - eps, x + eps).clamp(0, 1)
+    adv_np = adv.numpy().astype(np.float32)
+    runner = StagedRunner.from_folder(tiny.manifest, tiny.export_dir)
+    entry = entry_for_budget(tiny.manifest.default_budget_mflops, tiny.manifest.calibration,
+                             tiny.manifest.staged_mflops)
+    answered = runner.run(adv_np, entry.thresholds, entry.max_exit)
+    final = runner.exit_logits(adv_np)[-1].argmax(-1)
+    keep = (answered.exits == 0) & (answered.probs.argmax(-1) != final)
+    assert keep.sum() >= 10, f"only {int(keep.sum())} attacked digits leave exit 1 disagreeing with the last exit"
+    return adv_np[keep][:want]
+
+
+def test_the_audit_sees_clean_agreement_and_flags_an_attack_on_exit_1(torchserve_server, prometheus) -> None:
+    """Clean digits: live agreement of exit 1 near its validation figure, EarlyExitDisagreementHigh quiet. Inputs
+    attacked to make exit 1 confident and wrong: agreement collapses and the alert fires (the audit as an attack
+    detector)."""
+    live, prom = torchserve_server, prometheus
+    tiny = live.tiny
+    validation = tiny.manifest.exit_agreement
+    assert validation is not None
+    model = live.model
+    agreement_q = f'model_exit:early_exit_audit_agreement:ratio_rate10m{{ModelName="{model}",ExitIndex="1"}}'
+    traffic = Traffic(live, [tiny.json_body(i) for i in range(len(tiny.test_x))]).start()
+    try:
+        time.sleep(15)  # two scaled 10 s windows of clean traffic
+        clean = float(wait_for(lambda: prom.query(agreement_q), timeout=10, what="live agreement")[0]["value"][1])
+    finally:
+        traffic.stop()
+    assert clean == pytest.approx(validation[0], abs=0.1)
+    assert not _firing(prom, "EarlyExitDisagreementHigh")
+
+    attacked = [json.dumps({"data": x.tolist()}).encode() for x in _exit1_attack(tiny)]
+    traffic = Traffic(live, attacked).start()
+    try:
+        fired = wait_for(lambda: _firing(prom, "EarlyExitDisagreementHigh"), timeout=60,
+                         what="EarlyExitDisagreementHigh to fire on inputs attacking exit 1")
+        attacked_agreement = float(prom.query(agreement_q)[0]["value"][1])
+    finally:
+        traffic.stop()
+    assert fired[0]["labels"]["ExitIndex"] == "1" and fired[0]["labels"]["ModelName"] == model
+    assert attacked_agreement < validation[0] - 0.3
+    dropped = sum(live.samples("EarlyExitAuditDropped").values())
+    audited = sum(live.samples("EarlyExitAudit").values())
+    print(f"\naudit: validation agreement exit 1 {validation[0]:.3f}, live clean {clean:.3f}, "
+          f"under attack {attacked_agreement:.3f}; {audited:.0f} audits, {dropped:.0f} dropped")

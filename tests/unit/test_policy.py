@@ -96,3 +96,17 @@ def test_per_row_thresholds_and_caps_equal_row_by_row_decisions():
     one_by_one = [select_exits(conf[i:i + 1], thresholds[i], int(caps[i]))[0] for i in range(200)]
     assert batched.tolist() == one_by_one
     assert (batched <= caps).all()
+
+
+def test_agreement_with_last_exit_counts_only_the_answers_that_left_there():
+    from training.calibrate import agreement_with_last_exit
+
+    # 4 samples, 3 exits, 2 classes: exit 1 is confident on samples 0-2 (and wrong on sample 2)
+    probs = np.array([
+        [[0.99, 0.01], [0.99, 0.01], [0.99, 0.01], [0.6, 0.4]],
+        [[0.9, 0.1], [0.9, 0.1], [0.2, 0.8], [0.6, 0.4]],
+        [[0.8, 0.2], [0.8, 0.2], [0.3, 0.7], [0.3, 0.7]],
+    ])
+    outputs = ExitOutputs(probs, np.array([0, 0, 1, 1]))
+    entry = BudgetEntry(3.0, 2, (0.95, 0.95, NEVER), 1.0, 1.0)
+    assert agreement_with_last_exit(outputs, entry) == [pytest.approx(2 / 3), None, 1.0]
