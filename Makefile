@@ -21,7 +21,7 @@ DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
 FORCE  ?=
 
 .PHONY: help setup data train evaluate export archive train-export test test-unit test-integration \
-        bench-train bench-serve serve stop clean
+        bench-train bench-serve bench-export serve stop clean
 
 help:
 	@echo "make train-export [PRESET=mnist-quick]   train, evaluate, calibrate, export and archive a model"
@@ -104,6 +104,10 @@ test-integration: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m training.data --root data mnist
 	$(PY) -m bench.bench_train --preset mnist-quick
+
+# The export's own parity and robustness report (written beside the graphs), published with the benchmarks.
+bench-export: $(MAR)
+	cp $(EXPORT)/export-parity.json bench/results/export-parity.json
 
 bench-serve: $(MAR)
 	$(PY) -m bench.bench_serve --archive $(MAR) --data-dir data

@@ -1,66 +1,70 @@
 """`make bench-train`: train `adv` and `neokd` with the same preset, seed and budget; evaluate both alike.
 
-Writes bench/results/train-<preset>.json and .md. Throughput is compared with a bound measured in
-the same run: the forward+backward throughput of the same network, divided by the forward+backward
-passes one training sample needs (in full-network equivalents; an attack step on exit k costs only
-stages 1..k plus head k, counted by FLOPs).
+Writes bench/results/train-<preset>.json and .md.
+
+Throughput against a bound, both from the same training run: training times every part of its iterations
+(train.json `timing`, training/train.py): data loading, each exit's attack (PGD steps take gradients with
+respect to the input only), the attack's scoring forwards, the update (forward, loss, backward, optimizer
+step). The bound is the throughput the run would have if its iterations did nothing but the measured
+compute (attack, scoring, update): batch / (their seconds per iteration). Measured throughput divides
+by the whole iteration time, which contains those parts, so ratio = compute time / iteration time <= 1;
+what is left (data, bookkeeping) is the loop's overhead. The breakdown per part, per iteration and per
+attack step of each exit, is in the JSON, with the FLOP rate each part achieves (from the model's cost
+profile: an input-gradient step on exit k ~ 2x the anytime forward of exit k, a scoring pass = the full
+staged forward per candidate, the update ~ 3x the staged forward on the clean and adversarial rows).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from bench.common import machine, now, versions
 from training.checkpoint import load_checkpoint
-from training.config import TrainConfig, load_config
+from training.config import TrainConfig, TrainingAttack, load_config
 from training.evaluate import run_evaluation
 from training.losses import Method
-from training.train import build_model, train
+from training.train import train
 
 log = logging.getLogger("bench.train")
 RESULTS = Path(__file__).parent / "results"
+COMPUTE_PARTS = ("attack", "update")  # `attack` holds each exit's PGD steps and the scoring forwards
 
 
-def forward_backward_throughput(cfg: TrainConfig, seconds: float = 10.0) -> float:
-    """Samples/s of one full-network forward+backward (all exits' CE), at the training batch size."""
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
-    model.train()
-    x = torch.rand(cfg.batch_size, *model.input_shape)
-    y = torch.randint(0, 10, (cfg.batch_size,))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    for _ in range(3):  # warm-up
-        sum(F.cross_entropy(o, y) for o in model(x)).backward()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        opt.zero_grad()
-        sum(F.cross_entropy(o, y) for o in model(x)).backward()
-        opt.step()
-        n += 1
-    return n * cfg.batch_size / (time.perf_counter() - start)
+def compute_bound(summary: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """Bound, ratio and breakdown from one run's train.json (see the module docstring)."""
+    timing = summary["timing"]
+    steps, parts = timing["iterations"], timing["parts_s"]
+    compute_s = sum(parts.get(k, 0.0) for k in COMPUTE_PARTS)
+    samples_per_rank = steps * batch_size
+    measured = samples_per_rank / max(timing["seconds"], 1e-12)
+    bound = samples_per_rank / max(compute_s, 1e-12)
+    return {
+        "samples_per_s": measured, "bound_samples_per_s": bound, "ratio": measured / bound,
+        "ms_per_iteration": timing["ms_per_iteration"], "share": timing["share"],
+        "attack_step_ms_per_exit": timing["attack_step_ms_per_exit"],
+    }
 
 
-def passes_per_sample(cfg: TrainConfig, exit_mflops: list[float]) -> float:
-    """Forward+backward passes per training sample, in full-network equivalents."""
-    full = exit_mflops[-1]
-    train_step = 2.0  # clean + adversarial rows through the whole network
-    if cfg.method is Method.CLEAN:
-        return 1.0
-    if cfg.attack == "average":
-        return cfg.attack_steps * 1.0 + train_step
-    # max-average: K single-exit attacks on prefixes, then K no-grad forward scorings (~1/3 of fwd+bwd)
-    attack = cfg.attack_steps * sum(c / full for c in exit_mflops)
-    scoring = len(exit_mflops) / 3.0
-    return attack + scoring + train_step
+def achieved_gflops(summary: dict[str, Any], cfg: TrainConfig) -> dict[str, float]:
+    """FLOP rate of each timed part (estimates from the cost profile; see the module docstring)."""
+    timing, cost = summary["timing"], summary["cost"]
+    ms = timing["ms_per_iteration"]
+    b, steps, k_exits = cfg.batch_size, cfg.attack_steps, len(cost["anytime_mflops"])
+    out: dict[str, float] = {}
+    if cfg.method is not Method.CLEAN and cfg.attack is TrainingAttack.MAX_AVERAGE:
+        for k, anytime in enumerate(cost["anytime_mflops"]):
+            key = f"attack/exit{k}"
+            if ms.get(key):
+                out[key] = 2 * anytime * b * steps / ms[key]
+        if ms.get("attack/scoring"):
+            out["attack/scoring"] = cost["staged_mflops"][-1] * b * k_exits / ms["attack/scoring"]
+    rows = b if cfg.method is Method.CLEAN else 2 * b
+    if ms.get("update"):
+        out["update"] = 3 * cost["staged_mflops"][-1] * rows / ms["update"]
+    return out
 
 
 def _same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -70,10 +74,10 @@ def _same_recipe(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def find_reusable_run(cfg: TrainConfig, search: Path = Path("runs")) -> Path | None:
-    """A finished run (e.g. `make train-export`'s) with exactly this recipe: training it again is the same work."""
+    """A finished run (e.g. `make train-export`'s) with exactly this recipe and a timed train.json."""
     for train_json in sorted(search.glob("*/train.json")):
         ckpt = train_json.parent / "checkpoint.pt"
-        if not ckpt.is_file():
+        if not ckpt.is_file() or "timing" not in json.loads(train_json.read_text()):
             continue
         saved = load_checkpoint(ckpt)["config"]
         if _same_recipe(saved, cfg.to_dict()):
@@ -106,6 +110,7 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
     return {
         "train_seconds": summary["train_seconds"], "train_samples_per_s": summary["train_samples_per_s"],
         "steps": summary["steps"], "exits": exits,
+        "throughput": {**compute_bound(summary, cfg.batch_size), "achieved_gflops": achieved_gflops(summary, cfg)},
         "mean_adv_acc_max_average": sum(e["adv_acc"]["max-average"] for e in exits) / len(exits),
         "budgeted_default": default, "run_dir": str(run_dir), "reused": reused,
         "eval_json": str(Path("runs/bench") / f"eval-{method.value}" / "eval.json"),
@@ -114,18 +119,27 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"# bench-train: {result['preset']} (seed {result['seed']}, {result['machine']['cpu']})", "",
-             "| method | exit | MFLOPs | clean | max-average | average | single (per attacked exit) |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | exit | staged MFLOPs | anytime MFLOPs | clean | max-average | average | single (per attacked exit) |",
+             "|---|---|---|---|---|---|---|---|"]
     for method, r in result["methods"].items():
         for e in r["exits"]:
             single = ", ".join(f"{s:.3f}" for s in e["adv_acc"]["single"])
-            lines.append(f"| {method} | {e['exit']} | {e['mflops']:.2f} | {e['clean_acc']:.4f} | "
-                         f"{e['adv_acc']['max-average']:.4f} | {e['adv_acc']['average']:.4f} | {single} |")
+            lines.append(f"| {method} | {e['exit']} | {e['staged_mflops']:.2f} | {e['anytime_mflops']:.2f} | "
+                         f"{e['clean_acc']:.4f} | {e['adv_acc']['max-average']:.4f} | {e['adv_acc']['average']:.4f} | "
+                         f"{single} |")
     t = result["throughput"]
     lines += ["", f"Training throughput {t['train_samples_per_s']:.1f} samples/s, bound {t['bound_samples_per_s']:.1f} "
-              f"samples/s (ratio {t['ratio']:.2f}); train seconds: "
-              + ", ".join(f"{m} {r['train_seconds']:.0f}" for m, r in result["methods"].items()), ""]
-    return "\n".join(lines)
+              f"samples/s (ratio {t['ratio']:.3f}; the bound counts only the attack, scoring and update time "
+              "measured inside the same runs); train seconds: "
+              + ", ".join(f"{m} {r['train_seconds']:.0f}" for m, r in result["methods"].items()), "",
+              "| method | part | ms / iteration | share | GFLOP/s |", "|---|---|---|---|---|"]
+    for method, r in result["methods"].items():
+        tp = r["throughput"]
+        for part, ms in tp["ms_per_iteration"].items():
+            gflops = tp["achieved_gflops"].get(part)
+            lines.append(f"| {method} | {part} | {ms:.1f} | {tp['share'][part]:.3f} | "
+                         f"{'' if gflops is None else f'{gflops:.1f}'} |")
+    return "\n".join(lines + [""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,21 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     for method in (Method.ADV, Method.NEOKD):
         methods[method.value], cfg = run_method(args.preset, method, args.overrides, reuse=not args.no_reuse)
     assert cfg is not None
-    fb = forward_backward_throughput(cfg)
-    exit_mflops = [e["anytime_mflops"] for e in methods["neokd"]["exits"]]
-    passes = passes_per_sample(cfg, exit_mflops)
     # Throughput from the runs trained inside this benchmark (a reused run may have shared the CPU).
     timed = [m for m in methods.values() if not m["reused"]] or list(methods.values())
-    train_sps = sum(m["train_samples_per_s"] for m in timed) / len(timed)
+    mean = lambda key: sum(m["throughput"][key] for m in timed) / len(timed)  # noqa: E731
     result = {
         "preset": args.preset, "seed": cfg.seed, "started": started, "finished": now(),
         "machine": machine(), "versions": versions(), "config": cfg.to_dict(),
         "methods": methods,
         "comparison": {"neokd_minus_adv_mean_adv_acc": methods["neokd"]["mean_adv_acc_max_average"]
                        - methods["adv"]["mean_adv_acc_max_average"]},
-        "throughput": {"train_samples_per_s": train_sps, "measured_on": [k for k, m in methods.items() if m in timed], "forward_backward_samples_per_s": fb,
-                       "passes_per_sample": passes, "bound_samples_per_s": fb / passes,
-                       "ratio": train_sps / (fb / passes)},
+        "throughput": {"train_samples_per_s": mean("samples_per_s"), "bound_samples_per_s": mean("bound_samples_per_s"),
+                       "ratio": mean("ratio"), "measured_on": [k for k, m in methods.items() if m in timed],
+                       "bound": "batch / (attack + scoring + update seconds per iteration), timed inside the run"},
     }
     out = args.out or RESULTS / f"train-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

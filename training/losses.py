@@ -35,6 +35,24 @@ class RedrawPolicy(str, Enum):
     FIXED = "fixed"  # one split per ground-truth class, drawn once at construction
 
 
+class BaseLossWeighting(str, Enum):
+    """Weights of the clean and adversarial cross-entropies in the `adv` and `neokd` base loss.
+
+    RDI (default): 0.5 * CE_i(x) + 0.5 * CE_i(x_adv), the RDI-Nets baseline ("Adv. w/o distill"), which
+    NEO-KD's base loss follows in this project, so that `adv` and `neokd` share one base loss and NEO-KD's
+    difference is the distillation alone. UNWEIGHTED: CE_i(x) + CE_i(x_adv), NEO-KD's base loss as
+    docs/method.md writes it; it doubles the CE terms against alpha * NKD + beta * EOKD.
+    """
+
+    RDI = "rdi"
+    UNWEIGHTED = "unweighted"
+
+    @property
+    def weights(self) -> tuple[float, float]:
+        """(clean weight, adversarial weight)."""
+        return (0.5, 0.5) if self is BaseLossWeighting.RDI else (1.0, 1.0)
+
+
 class MultiExitLoss(ABC):
     """Base class; `requires_adversarial` tells the trainer whether to build x_adv at all."""
 
@@ -95,7 +113,10 @@ class CleanLoss(MultiExitLoss):
 
 
 class AdversarialLoss(MultiExitLoss):
-    """sum_i [clean_weight * CE_i(x) + adv_weight * CE_i(x_adv)]: the RDI-Nets baseline ("Adv. w/o distill")."""
+    """sum_i [clean_weight * CE_i(x) + adv_weight * CE_i(x_adv)]: the RDI-Nets baseline ("Adv. w/o distill").
+
+    `BaseLossWeighting` names the two weightings the trainer offers (0.5 / 0.5 and 1 / 1).
+    """
 
     def __init__(self, clean_weight: float = 0.5, adv_weight: float = 0.5) -> None:
         self.clean_weight = float(clean_weight)
@@ -315,11 +336,10 @@ def build_loss(
     eokd_keep_ground_truth: bool = True,
     eokd_redraw: RedrawPolicy | str = RedrawPolicy.BATCH,
     temperature: float = 1.0,
-    clean_weight: float = 0.5,
-    adv_weight: float = 0.5,
+    base_weighting: BaseLossWeighting | str = BaseLossWeighting.RDI,
     seed: int | None = None,
 ) -> MultiExitLoss:
-    """The loss for a training method; `gamma` defaults to 1 per exit."""
+    """The loss for a training method; `gamma` defaults to 1 per exit; `seed` seeds EOKD's split draws."""
     try:
         method = Method(method)
     except ValueError:
@@ -327,6 +347,11 @@ def build_loss(
         raise ValueError(f"unknown method {method!r}; valid: {valid}") from None
     if method is Method.CLEAN:
         return CleanLoss()
+    try:
+        clean_weight, adv_weight = BaseLossWeighting(base_weighting).weights
+    except ValueError:
+        valid = ", ".join(repr(w.value) for w in BaseLossWeighting)
+        raise ValueError(f"unknown base loss weighting {base_weighting!r}; valid: {valid}") from None
     base = AdversarialLoss(clean_weight=clean_weight, adv_weight=adv_weight)
     if method is Method.ADV:
         return base

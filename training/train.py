@@ -4,35 +4,62 @@
     torchrun --nproc_per_node 2 -m training.train --preset mnist-quick ...   (DDP, gloo on CPU)
 
 Writes runs/<name>/{config.yaml, last.pt (resumable), checkpoint.pt (final), train.json}.
+
+Randomness: the model is initialized from `seed` (the same on every rank); everything random after that
+(dropout, the attack's random starts, EOKD's class splits, the data order of a single process, the
+DataLoader workers' augmentation seeds) draws from generators seeded from (seed, rank), so DDP ranks do not
+repeat each other. `last.pt` holds every one of those generators' states (per rank) and the position in the
+epoch, so `--resume` continues exactly where the run stopped: N steps, or N/2 steps and a resume to N,
+give the same weights (with num_workers=0; with workers, augmentation draws restart from per-epoch seeds).
+
+train.json's `timing` holds the wall-clock seconds of each part of the training iterations (data, each
+exit's attack, the attack's scoring forwards, the update), measured inside the run (bench/bench_train.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 
 from training.attacks import Attack, build_attack
 from training.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig, list_presets, load_config, save_config
-from training.data import DataError, dataset_info, training_dataset
-from training.losses import Method, MultiExitLoss, build_loss
+from training.config import (
+    CleanAdvForward,
+    ConfigError,
+    Device,
+    LRSchedule,
+    Optimizer,
+    TrainConfig,
+    list_presets,
+    load_config,
+    save_config,
+)
+from training.data import DataError, dataset_info, seed_worker, training_dataset
+from training.losses import Method, MultiExitLoss, NeoKDLoss, build_loss
 from training.models import MultiExitNetwork, create_model
 from training.models.registry import UnknownModelError
 
 log = logging.getLogger("training.train")
+
+# Independent random streams derived from (seed, rank, stream).
+STREAM_GLOBAL, STREAM_ATTACK, STREAM_EOKD, STREAM_LOADER = range(4)
 
 
 @dataclass
@@ -40,40 +67,70 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     samples: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the training iterations (data, attack, update), this rank
+    batch: int = 0  # batches done in the current epoch (a resume skips them)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed for the stream named by `keys` (e.g. seed, rank, stream), independent of its neighbours."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]) >> 1
+
+
+def seed_everything(seed: int) -> None:
+    """torch (CPU and every CUDA device), numpy and `random`."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def resolve_device(name: Device | str) -> torch.device:
+    name = Device(name)
+    if name is Device.AUTO:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(name.value)
 
 
 def build_model(cfg: TrainConfig) -> MultiExitNetwork:
     info = dataset_info(cfg.dataset)
     kwargs = {"mean": list(info.mean), "std": list(info.std), **cfg.model_args}
-    return create_model(cfg.model, num_classes=len(info.classes), **kwargs)
+    try:
+        return create_model(cfg.model, num_classes=len(info.classes), **kwargs)
+    except TypeError as exc:  # an argument the architecture does not take
+        raise ConfigError(f"model_args {cfg.model_args} do not fit model {cfg.model!r}: {exc}") from None
 
 
-def build_training_attack(cfg: TrainConfig, model: MultiExitNetwork) -> Attack | None:
+def build_training_attack(cfg: TrainConfig, model: MultiExitNetwork,
+                          generator: torch.Generator | None = None) -> Attack | None:
     if cfg.method is Method.CLEAN:
         return None
-    return build_attack(cfg.attack, model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps)
+    return build_attack(cfg.attack.value, model, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.attack_steps,
+                        model_mode=cfg.attack_model_mode, random_start=cfg.attack_random_start, generator=generator)
 
 
 def build_objective(cfg: TrainConfig, model: MultiExitNetwork) -> MultiExitLoss:
-    return build_loss(
-        cfg.method, num_classes=len(dataset_info(cfg.dataset).classes), num_exits=model.num_exits,
-        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, nkd_include_self=cfg.nkd_include_self,
-        eokd_keep_ground_truth=cfg.eokd_keep_ground_truth, eokd_redraw=cfg.eokd_redraw,
-        temperature=cfg.temperature, clean_weight=cfg.clean_weight, adv_weight=cfg.adv_weight, seed=cfg.seed,
-    )
+    try:
+        return build_loss(
+            cfg.method, num_classes=len(dataset_info(cfg.dataset).classes), num_exits=model.num_exits,
+            alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, nkd_include_self=cfg.nkd_include_self,
+            eokd_keep_ground_truth=cfg.eokd_keep_ground_truth, eokd_redraw=cfg.eokd_redraw,
+            temperature=cfg.temperature, base_weighting=cfg.base_loss_weighting, seed=cfg.seed,
+        )
+    except ValueError as exc:  # e.g. gamma's length against the model's exits
+        raise ConfigError(str(exc)) from None
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
+    if cfg.optimizer is Optimizer.ADAM:
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per iteration. ONECYCLE peaks at `lr`; momentum / Adam's beta1 are left as configured."""
+    if cfg.lr_schedule is LRSchedule.ONECYCLE:
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=cfg.iterations,
+                                                   pct_start=cfg.onecycle_pct_start, cycle_momentum=False)
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
 
 
 def current_eps(cfg: TrainConfig, step: int) -> float:
@@ -83,37 +140,123 @@ def current_eps(cfg: TrainConfig, step: int) -> float:
     return cfg.eps * min(1.0, (step + 1) / cfg.eps_warmup_iters)
 
 
+class Timings:
+    """Wall-clock sums per named part of the training iterations (CUDA is synchronized at every edge)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums: dict[str, float] = {}
+        self._cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def add(self, name: str, seconds: float) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, self.now() - start)
+
+
+class ResumableSampler(Sampler[int]):
+    """The wrapped sampler's indices for this epoch minus the first `skip` (the batches a resume already did).
+
+    The wrapped sampler draws its order from a generator reseeded at every epoch start, so the order is
+    the same whether the epoch runs at once or is resumed in the middle.
+    """
+
+    def __init__(self, base: Sampler[int]) -> None:
+        self.base = base
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(self.base, DistributedSampler):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.base), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.base) - self.skip, 0)  # type: ignore[arg-type]
+
+
+class CleanAdvPair(nn.Module):
+    """The training forward: (clean logits, adversarial logits or None), in one or two passes of `core`.
+
+    Two passes (`separate`) keep BatchNorm's batch statistics per kind of input, as RDI-Nets does; one
+    pass over the concatenated rows is cheaper and equal for models without BatchNorm. Wrapping both in one
+    module keeps one DDP forward per backward.
+    """
+
+    def __init__(self, core: MultiExitNetwork, separate: bool) -> None:
+        super().__init__()
+        self.core = core
+        self.separate = separate
+
+    def forward(self, x: torch.Tensor, x_adv: torch.Tensor | None = None):  # type: ignore[override]
+        if x_adv is None:
+            return self.core(x), None
+        if self.separate:
+            return self.core(x), self.core(x_adv)
+        logits = self.core(torch.cat([x, x_adv]))
+        return [out[: len(x)] for out in logits], [out[len(x):] for out in logits]
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def separate_forwards(cfg: TrainConfig, core: nn.Module) -> bool:
+    if cfg.clean_adv_forward is CleanAdvForward.AUTO:
+        return has_batchnorm(core)
+    return cfg.clean_adv_forward is CleanAdvForward.SEPARATE
+
+
 def train_one_epoch(
-    model: nn.Module, core: MultiExitNetwork, loader: DataLoader, optimizer: torch.optim.Optimizer,
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, objective: MultiExitLoss, attack: Attack | None,
-    cfg: TrainConfig, state: TrainState, device: torch.device, progress: tqdm | None,
-) -> dict[str, float]:
-    """One pass over `loader` (or until cfg.iterations). `model` may be the DDP wrapper of `core`."""
+    cfg: TrainConfig, state: TrainState, device: torch.device, progress: tqdm | None, timings: Timings,
+    checkpoint: Callable[[], None],
+) -> tuple[dict[str, float], bool]:
+    """Train on `loader` (the rest of the current epoch) until it ends or cfg.iterations is reached.
+
+    `model` is the `CleanAdvPair` (or its DDP wrapper). Returns (mean loss parts, whether the epoch ended).
+    """
     model.train()
     totals: dict[str, float] = {}
     batches = 0
-    for x, y in loader:
-        if state.step >= cfg.iterations:
-            break
-        t0 = time.perf_counter()
+    batch_iter = iter(loader)
+    while state.step < cfg.iterations:
+        t0 = timings.now()
+        try:
+            x, y = next(batch_iter)
+        except StopIteration:
+            return {k: v / max(batches, 1) for k, v in totals.items()}, True
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        t1 = timings.now()
+        timings.add("data", t1 - t0)
         x_adv = None
         if attack is not None:
             attack.eps = current_eps(cfg, state.step)
-            x_adv = attack(x, y)  # runs on the unwrapped model; restores train mode
-        # One forward over clean and adversarial rows together (one DDP forward per backward).
-        inputs = x if x_adv is None else torch.cat([x, x_adv])
-        logits = model(inputs)
-        clean_logits = [l[: len(x)] for l in logits]
-        adv_logits = None if x_adv is None else [l[len(x):] for l in logits]
-        loss, parts = objective(clean_logits, adv_logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+            with timings.section("attack"):
+                x_adv = attack(x, y)  # runs on the unwrapped model; restores train mode
+        with timings.section("update"):
+            clean_logits, adv_logits = model(x, x_adv)
+            loss, parts = objective(clean_logits, adv_logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
         state.step += 1
+        state.batch += 1
         state.samples += len(x)
-        state.seconds += time.perf_counter() - t0
+        state.seconds += timings.now() - t0
         batches += 1
         for k, v in parts.items():
             totals[k] = totals.get(k, 0.0) + v
@@ -121,20 +264,62 @@ def train_one_epoch(
             progress.update(1)
             if state.step % cfg.log_every == 0:
                 progress.set_postfix(loss=f"{loss.item():.3f}", eps=f"{current_eps(cfg, state.step):.3f}",
-                                     lr=f"{scheduler.get_last_lr()[0]:.4f}")
-        if state.step % cfg.checkpoint_every == 0 and _is_main():
-            _save_resume(core, optimizer, scheduler, cfg, state)
-    return {k: v / max(batches, 1) for k, v in totals.items()}
+                                     lr=f"{scheduler.get_last_lr()[0]:.4g}")
+        if state.step % cfg.checkpoint_every == 0:
+            checkpoint()
+    return {k: v / max(batches, 1) for k, v in totals.items()}, False
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return _rank() == 0
 
 
-def _save_resume(core: MultiExitNetwork, optimizer, scheduler, cfg: TrainConfig, state: TrainState) -> Path:
+def capture_rng(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, Any]:
+    """This process's random states: python, numpy, torch CPU (and CUDA on `device`), the named generators."""
+    state: dict[str, Any] = {
+        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    for name, g in generators.items():
+        if name in state["generators"]:
+            g.set_state(state["generators"][name])
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (just [obj] without DDP); a collective call under DDP."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save_resume(core: MultiExitNetwork, optimizer, scheduler, cfg: TrainConfig, state: TrainState,
+                 rng: list[dict[str, Any]], timings: Timings, history: list[dict[str, Any]]) -> Path:
     ckpt = make_checkpoint(core, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
-                           step=state.step, epoch=state.epoch, samples=state.samples, seconds=state.seconds,
-                           optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+                           step=state.step, epoch=state.epoch, batch=state.batch, samples=state.samples,
+                           seconds=state.seconds, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                           rng={"world_size": len(rng), "ranks": rng}, timing=dict(timings.sums),
+                           history=list(history))
     return save_checkpoint(ckpt, cfg.run_dir / "last.pt")
 
 
@@ -147,6 +332,33 @@ def parameter_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _rng_sha256(generators: dict[str, torch.Generator]) -> str:
+    """Fingerprint of this process's torch and named generators' states (differs between ranks)."""
+    h = hashlib.sha256(torch.get_rng_state().numpy().tobytes())
+    for name, g in sorted(generators.items()):
+        h.update(name.encode())
+        h.update(g.get_state().numpy().tobytes())
+    return h.hexdigest()
+
+
+def timing_summary(sums: dict[str, float], steps: int, seconds: float, attack_steps: int) -> dict[str, Any]:
+    """train.json's `timing`: seconds per part, their share of the iterations' wall time, ms per iteration.
+
+    `attack` includes its parts (`attack/exit<k>` or `attack/batched`, and `attack/scoring`);
+    `other` is what no part covers (loss bookkeeping, logging), so the top-level parts sum to `seconds`.
+    """
+    top = {k: v for k, v in sums.items() if "/" not in k}
+    parts = {**top, "other": max(seconds - sum(top.values()), 0.0)}
+    parts.update({k: v for k, v in sums.items() if "/" in k})
+    per_exit = {k: v for k, v in sums.items() if k.startswith("attack/exit")}
+    return {
+        "iterations": steps, "seconds": seconds, "parts_s": parts,
+        "share": {k: v / seconds if seconds > 0 else 0.0 for k, v in parts.items()},
+        "ms_per_iteration": {k: 1e3 * v / max(steps, 1) for k, v in parts.items()},
+        "attack_step_ms_per_exit": [1e3 * per_exit[k] / max(steps * attack_steps, 1) for k in sorted(per_exit)],
+    }
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train per `cfg`; returns the final checkpoint path (runs/<name>/checkpoint.pt)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -155,6 +367,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+    rank, world_size = _rank(), _world_size()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same init on every rank
@@ -162,15 +376,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     core.cost_profile()  # measured before channels_last or DDP wrap the model
     if cfg.channels_last:
         core = core.to(memory_format=torch.channels_last)
+    seed_everything(derive_seed(cfg.seed, rank, STREAM_GLOBAL))  # dropout etc.: different on every rank
+
     dataset = training_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_limit)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True) if distributed else None
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=True, num_workers=cfg.num_workers, generator=loader_gen,
+    loader_gen = torch.Generator()  # reseeded at every epoch start: the data order and the workers' seeds
+    if distributed:  # one order for all ranks (its seed), each rank its own shard
+        base_sampler: Sampler[int] = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
+    else:
+        base_sampler = RandomSampler(dataset, generator=loader_gen) if len(dataset) else SequentialSampler(dataset)
+    sampler = ResumableSampler(base_sampler)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.num_workers, generator=loader_gen, worker_init_fn=seed_worker,
                         pin_memory=device.type == "cuda")
     optimizer = build_optimizer(core, cfg)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_milestones, gamma=cfg.lr_gamma)
+    scheduler = build_scheduler(optimizer, cfg)
+    attack_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank, STREAM_ATTACK))
+    attack = build_training_attack(cfg, core, attack_gen)
+    objective = build_objective(cfg, core)  # built from cfg.seed: a FIXED EOKD split is the same on every rank
+    generators = {"attack": attack_gen}
+    if isinstance(objective, NeoKDLoss):
+        objective.eokd.generator.manual_seed(derive_seed(cfg.seed, rank, STREAM_EOKD))
+        generators["eokd"] = objective.eokd.generator
+    timings = Timings(device)
+    if attack is not None and hasattr(attack, "timer"):
+        attack.timer = timings
     state = TrainState()
+    history: list[dict[str, Any]] = []
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     last = run_dir / "last.pt"
@@ -178,41 +409,67 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         ckpt = load_checkpoint(last)
         core.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        if cfg.lr_schedule is LRSchedule.ONECYCLE and ckpt["scheduler"].get("total_steps") != cfg.iterations:
+            raise ConfigError(f"{last} follows a one-cycle schedule over {ckpt['scheduler'].get('total_steps')} "
+                              f"iterations; resume it with iterations={ckpt['scheduler'].get('total_steps')}")
         scheduler.load_state_dict(ckpt["scheduler"])
-        state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["samples"], ckpt["seconds"])
-        log.info("resumed from %s at step %d", last, state.step)
+        state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["samples"], ckpt["seconds"], ckpt.get("batch", 0))
+        timings.sums.update(ckpt.get("timing") or {})
+        history = list(ckpt.get("history", []))
+        rng = ckpt.get("rng")
+        if rng and rng["world_size"] == world_size:
+            restore_rng(rng["ranks"][rank], generators, device)
+        else:
+            log.warning("%s holds no random state for %d rank(s): randomness restarts from fresh seeds",
+                        last, world_size)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch)
     if _is_main():
         save_config(cfg, run_dir / "config.yaml")
-    model: nn.Module = nn.parallel.DistributedDataParallel(core) if distributed else core
-    attack = build_training_attack(cfg, core)
-    objective = build_objective(cfg, core)
+    pair = CleanAdvPair(core, separate=separate_forwards(cfg, core))
+    model: nn.Module = nn.parallel.DistributedDataParallel(pair) if distributed else pair
+
+    def checkpoint() -> None:
+        rng = _gather(capture_rng(generators, device))  # every rank takes part
+        if _is_main():
+            _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history)
+
     progress = tqdm(total=cfg.iterations, initial=state.step, desc=f"train {cfg.name} [{cfg.method.value}]",
                     disable=not _is_main(), dynamic_ncols=True)
-    history = []
     while state.step < cfg.iterations:
-        if sampler is not None:
-            sampler.set_epoch(state.epoch)
-        loader_gen.manual_seed(cfg.seed + state.epoch)
-        parts = train_one_epoch(model, core, loader, optimizer, scheduler, objective, attack, cfg, state,
-                                device, progress)
-        history.append({"epoch": state.epoch, "step": state.step, **parts})
-        log.info("epoch %d step %d %s", state.epoch, state.step, {k: round(v, 4) for k, v in parts.items()})
-        state.epoch += 1
+        sampler.set_epoch(state.epoch)
+        sampler.skip = state.batch * cfg.batch_size
+        loader_gen.manual_seed(derive_seed(cfg.seed, rank, STREAM_LOADER, state.epoch))
+        parts, finished = train_one_epoch(model, loader, optimizer, scheduler, objective, attack, cfg, state,
+                                          device, progress, timings, checkpoint)
+        if parts:
+            history.append({"epoch": state.epoch, "step": state.step, **parts})
+            log.info("epoch %d step %d %s", state.epoch, state.step, {k: round(v, 4) for k, v in parts.items()})
+        if finished:
+            if state.batch == 0:
+                raise ConfigError(f"an epoch has no batch: {len(dataset)} training samples per rank "
+                                  f"for batch_size={cfg.batch_size}")
+            state.epoch += 1
+            state.batch = 0
     progress.close()
+    seconds = _gather(state.seconds)
+    total_samples = state.samples * world_size
     summary: dict[str, Any] = {
-        "preset": cfg.name, "method": cfg.method.value, "steps": state.step, "samples": state.samples,
-        "train_seconds": state.seconds, "train_samples_per_s": state.samples / max(state.seconds, 1e-9),
+        "preset": cfg.name, "method": cfg.method.value, "steps": state.step, "samples": total_samples,
+        # every rank trains its own batch in parallel: the total rate is all samples over the slowest rank's time
+        "train_seconds": max(seconds), "train_samples_per_s": total_samples / max(max(seconds), 1e-9),
+        "train_samples_per_s_per_rank": state.samples / max(state.seconds, 1e-9),
+        "timing": timing_summary(timings.sums, state.step, state.seconds, cfg.attack_steps),
         "cost": core.cost_profile().to_dict(), "history": history,
     }
     if distributed:
-        hashes: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(hashes, parameter_sha256(core))
-        summary["world_size"] = dist.get_world_size()
-        summary["replica_param_sha256"] = hashes
-        summary["samples"] = state.samples * dist.get_world_size()
+        summary["world_size"] = world_size
+        summary["replica_param_sha256"] = _gather(parameter_sha256(core))
+        summary["replica_rng_sha256"] = _gather(_rng_sha256(generators))
+        summary["replica_train_seconds"] = seconds
+    rng = _gather(capture_rng(generators, device))
     final = run_dir / "checkpoint.pt"
     if _is_main():
-        _save_resume(core, optimizer, scheduler, cfg, state)
+        _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history)
         save_checkpoint(make_checkpoint(core, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
                                         train_summary={k: v for k, v in summary.items() if k != "history"}), final)
         (run_dir / "train.json").write_text(json.dumps(summary, indent=2))
@@ -229,7 +486,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="mnist-quick", help=f"one of: {', '.join(list_presets())}")
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/last.pt if present")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (values parsed as YAML)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come before, between or after the overrides
 
 
 def main(argv: list[str] | None = None) -> int:

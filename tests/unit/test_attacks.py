@@ -3,32 +3,45 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from early_exit.policy import ConfidenceMeasure, select_exits
 from training.attacks import (
+    APGD,
     PGD,
     Attack,
     AttackModelMode,
     AttackName,
     AttackTarget,
     DeepSloth,
+    ExitModel,
     MaxAveragePGD,
+    PolicyAttack,
     build_attack,
     early_exit_uniform_ce,
+    policy_loss,
     summed_exit_ce,
+    wrong_margin,
 )
+from training.calibrate import ExitOutputs
 from training.models import MultiExitNetwork, create_model
 
 EPS, STEP, STEPS = 0.3, 0.05, 3
+THRESHOLDS = (0.6, 0.7, 1.01)  # a budget row's thresholds: exits 1 and 2 may answer early, exit 3 is the cap
 ALL_ATTACKS = [
     (AttackName.SINGLE, {"exit": 1}),
     (AttackName.AVERAGE, {}),
     (AttackName.MAX_AVERAGE, {}),
     (AttackName.DEEPSLOTH, {}),
+    (AttackName.APGD_CE, {"exit": 1}),
+    (AttackName.APGD_T, {"exit": 2, "target_classes": 2}),
+    (AttackName.POLICY, {"exit": 1, "thresholds": THRESHOLDS}),
 ]
+APGD_NAMES = (AttackName.APGD_CE, AttackName.APGD_T)
 ATTACK_IDS = [name.value for name, _ in ALL_ATTACKS]
 
 
@@ -114,6 +127,9 @@ def test_mode_restored_when_forward_raises(model, batch, start_training):
 @pytest.mark.parametrize(("name", "kwargs"), ALL_ATTACKS, ids=ATTACK_IDS)
 def test_result_in_eps_ball_and_unit_range(model, batch, name, kwargs):
     x, y = batch
+    if name in APGD_NAMES:  # APGD leaves points the exit already gets wrong alone: label them as predicted
+        with torch.no_grad():
+            y = model.forward_exits(x, upto=kwargs["exit"])[kwargs["exit"]].argmax(1)
     x_adv = _make(name, model, **kwargs)(x, y)
     assert x_adv.shape == x.shape and not x_adv.requires_grad
     assert (x_adv - x).abs().max() <= EPS + 1e-6
@@ -215,12 +231,18 @@ def test_single_exit_pgd_matches_torchattacks(model, batch, k):
 
 def test_build_attack_names_and_errors(model):
     assert isinstance(build_attack("single", model, EPS, STEP, STEPS, exit=2), PGD)
+    assert build_attack("apgd-ce", model, EPS, STEP, STEPS, exit=0).loss.value == "ce"
+    assert build_attack("apgd-t", model, EPS, STEP, STEPS, exit=0).loss.value == "dlr-targeted"
+    assert isinstance(build_attack("policy", model, EPS, STEP, STEPS, exit=1, thresholds=THRESHOLDS), PolicyAttack)
+    for name in ("apgd-ce", "apgd-t", "policy"):
+        with pytest.raises(ValueError, match="needs exit"):
+            build_attack(name, model, EPS, STEP, STEPS)
     assert build_attack("average", model, EPS, STEP, STEPS).target is AttackTarget.AVERAGE
     assert isinstance(build_attack("max-average", model, EPS, STEP, STEPS), MaxAveragePGD)
     assert isinstance(build_attack(AttackName.DEEPSLOTH, model, 8 / 255, 0.002, 30), DeepSloth)
     with pytest.raises(ValueError, match="max-average"):
         build_attack("single-1", model, EPS, STEP, STEPS)
-    with pytest.raises(ValueError, match="exit"):
+    with pytest.raises(ValueError, match="needs exit"):
         build_attack("single", model, EPS, STEP, STEPS)
     with pytest.raises(ValueError, match="only applies"):
         build_attack("average", model, EPS, STEP, STEPS, exit=0)
@@ -240,3 +262,99 @@ def test_max_average_eps_reaches_every_single_exit_attack():
     attack = MaxAveragePGD(create_model("smallcnn"), eps=0.3, step_size=0.01, steps=1)
     attack.eps = 0.05
     assert [a.eps for a in attack.single_exit_attacks] == [0.05] * 3
+
+
+# --- APGD (torchattacks) on one exit -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+def test_apgd_matches_torchattacks_on_the_truncated_exit(model, batch, loss):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, _ = batch
+    with torch.no_grad():
+        y = model.forward_exits(x, upto=1)[1].argmax(1)
+    ours = APGD(model, EPS, 5, exit=1, loss=loss, target_classes=2, seed=3)(x, y)
+    wrapped = ExitModel(model, 1).eval()
+    if loss == "ce":
+        ref = torchattacks.APGD(wrapped, norm="Linf", eps=EPS, steps=5, n_restarts=1, seed=3, loss="ce")
+    else:
+        ref = torchattacks.APGDT(wrapped, norm="Linf", eps=EPS, steps=5, n_restarts=1, seed=3, n_classes=10)
+        ref.n_target_classes = 2
+    assert torch.allclose(ours, ref(x, y), atol=1e-6)
+
+
+def test_apgd_leaves_the_global_random_state_alone(model, batch):
+    x, _ = batch
+    with torch.no_grad():
+        y = model(x)[0].argmax(1)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    APGD(model, EPS, 3, exit=0, seed=0)(x, y)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_apgd_runs_only_its_exit_prefix(model, batch):
+    pruned = copy.deepcopy(model)
+    pruned.stages[2] = _Forbidden()
+    pruned.heads[2] = _Forbidden()
+    x, _ = batch
+    for loss in ("ce", "dlr-targeted"):
+        APGD(pruned, EPS, 3, exit=1, loss=loss, target_classes=1, seed=0)(x, torch.zeros(len(x), dtype=torch.long))
+
+
+# --- the adaptive policy attack ------------------------------------------------------------------------------
+
+def test_wrong_margin_sign():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.5, 0.0]])
+    y = torch.tensor([0, 0])
+    assert torch.allclose(wrong_margin(logits, y), torch.tensor([-2.0, 1.5]))
+
+
+@pytest.mark.parametrize("measure", list(ConfidenceMeasure))
+def test_policy_loss_fooled_flags_agree_with_the_policy(measure):
+    """The attack's own view of the policy (within exits 0..k) agrees with early_exit.policy on random logits."""
+    g = torch.Generator().manual_seed(0)
+    n, k, c = 400, 3, 10
+    logits = [torch.randn(n, c, generator=g, dtype=torch.float64) * 3 for _ in range(k)]
+    y = torch.randint(0, c, (n,), generator=g)
+    thresholds = (0.5, 0.6, 1.01) if measure is ConfidenceMeasure.MAX_PROB else (0.3, 0.4, 1.01)
+    outputs = ExitOutputs.from_logits([z.numpy() for z in logits], y.numpy())
+    exits = select_exits(outputs.confidences(measure), thresholds, 2)
+    assert 0 < (exits == 0).sum() < n and (exits == 2).sum() > 0  # the policy really chooses
+    wrong = ~outputs.correct()[np.arange(n), exits]
+    _, fooled = policy_loss(logits, y, thresholds, must_leave=False, measure=measure)  # aimed at exit 3, the cap
+    assert np.array_equal(fooled.numpy(), wrong)
+    _, fooled_by_2 = policy_loss(logits[:2], y, thresholds, must_leave=True, measure=measure)  # aimed at exit 2
+    assert np.array_equal(fooled_by_2.numpy(), wrong & (exits <= 1))
+
+
+def test_policy_loss_is_positive_exactly_when_every_condition_holds():
+    y = torch.tensor([0])
+    confident_wrong = torch.tensor([[0.0, 6.0, 0.0]])
+    unconfident_right = torch.tensor([[0.5, 0.0, 0.0]])  # right, but max prob about 0.45 < 0.6
+    confident_right = torch.tensor([[6.0, 0.0, 0.0]])
+    loss, fooled = policy_loss([unconfident_right, confident_wrong], y, (0.6, 0.6, 1.01), must_leave=True)
+    assert loss.item() > 0 and fooled.item()
+    loss, fooled = policy_loss([confident_right, confident_wrong], y, (0.6, 0.6, 1.01), must_leave=True)
+    assert not fooled.item()  # exit 1 answers, rightly
+
+
+def test_policy_attack_raises_its_loss_and_rejects_impossible_targets(model, batch):
+    x, y = batch
+    attack = PolicyAttack(model, EPS, 5, exit=1, thresholds=THRESHOLDS, seed=0)
+    with torch.no_grad():
+        before, _ = attack.loss(x, y)
+        after, _ = attack.loss(attack(x, y), y)
+    assert after.sum() > before.sum()
+    with pytest.raises(ValueError, match="never answers"):
+        PolicyAttack(model, EPS, 5, exit=1, thresholds=(0.6, 1.01, 1.01), max_exit=2)
+    with pytest.raises(ValueError, match="max_exit"):
+        PolicyAttack(model, EPS, 5, exit=2, thresholds=THRESHOLDS, max_exit=1)
+    PolicyAttack(model, EPS, 5, exit=1, thresholds=(0.6, 1.01, 1.01), max_exit=1)  # the cap always answers
+
+
+def test_policy_attack_runs_only_its_exit_prefix(model, batch):
+    pruned = copy.deepcopy(model)
+    pruned.stages[2] = _Forbidden()
+    pruned.heads[2] = _Forbidden()
+    PolicyAttack(pruned, EPS, 3, exit=1, thresholds=THRESHOLDS, seed=0)(*batch)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from training.losses import (
     AdversarialLoss,
+    BaseLossWeighting,
     CleanLoss,
     EOKDLoss,
     Method,
@@ -198,8 +199,10 @@ def test_distillation_gradient_reaches_adversarial_logits_only():
 def test_build_loss():
     common = dict(num_classes=10, num_exits=3)
     assert isinstance(build_loss(Method.CLEAN, **common), CleanLoss)
-    adv = build_loss("adv", **common, clean_weight=1.0, adv_weight=1.0)
-    assert type(adv) is AdversarialLoss and adv.clean_weight == 1.0
+    adv = build_loss("adv", **common, base_weighting="unweighted")
+    assert type(adv) is AdversarialLoss and (adv.clean_weight, adv.adv_weight) == (1.0, 1.0)
+    default = build_loss("adv", **common)
+    assert (default.clean_weight, default.adv_weight) == (0.5, 0.5)  # RDI-Nets' weighting is the default
     neo = build_loss("neokd", **common, nkd_include_self=False, eokd_keep_ground_truth=False,
                      eokd_redraw="fixed", temperature=2.0, seed=1)
     assert isinstance(neo, NeoKDLoss) and neo.gamma == [1.0, 1.0, 1.0] and neo.alpha == 3.0
@@ -208,6 +211,20 @@ def test_build_loss():
         build_loss("trades", **common)
     with pytest.raises(ValueError, match="gamma"):
         build_loss("neokd", **common, gamma=(1.0,))
+    with pytest.raises(ValueError, match="'rdi', 'unweighted'"):
+        build_loss("adv", **common, base_weighting="half")
+
+
+@pytest.mark.parametrize("weighting, weights", [(BaseLossWeighting.RDI, (0.5, 0.5)),
+                                                (BaseLossWeighting.UNWEIGHTED, (1.0, 1.0))])
+def test_neokd_base_loss_weighting(weighting, weights):
+    """NEO-KD = weighted base CE + the distillation terms; the weighting scales the CE terms only."""
+    clean, adv, y = _logits(3), _logits(3, seed=1), _targets()
+    neo = build_loss("neokd", num_classes=5, num_exits=3, base_weighting=weighting, eokd_redraw="fixed", seed=0)
+    total, parts = neo(clean, adv, y)
+    ce = sum(weights[0] * F.cross_entropy(c, y) + weights[1] * F.cross_entropy(a, y) for c, a in zip(clean, adv))
+    assert parts["base/total"] == pytest.approx(ce.item(), rel=1e-6)
+    assert parts["total"] == pytest.approx(ce.item() + parts["distill"], rel=1e-6)
 
 
 def test_neokd_on_a_smallcnn_batch_trains_every_exit():

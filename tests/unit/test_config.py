@@ -1,0 +1,154 @@
+"""TrainConfig: defaults, strict types, enums, one-line ConfigErrors, presets, overrides, save/load round trip."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from early_exit.policy import ConfidenceMeasure
+from training.attacks import AttackModelMode
+from training.config import (
+    CleanAdvForward,
+    ConfigError,
+    Device,
+    LRSchedule,
+    Optimizer,
+    TrainConfig,
+    TrainingAttack,
+    apply_overrides,
+    list_presets,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+from training.data import DatasetName
+from training.losses import BaseLossWeighting, Method, RedrawPolicy
+
+
+def test_defaults_are_the_rdi_nets_mnist_recipe_and_today_s_choices():
+    cfg = TrainConfig()
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.iterations) == (Optimizer.SGD, 0.033, 256, 13000)
+    assert (cfg.attack, cfg.eps, cfg.step_size, cfg.attack_steps) == (TrainingAttack.MAX_AVERAGE, 0.3, 0.01, 40)
+    assert cfg.base_loss_weighting is BaseLossWeighting.RDI and cfg.base_loss_weighting.weights == (0.5, 0.5)
+    assert cfg.attack_model_mode is AttackModelMode.EVAL and cfg.attack_random_start is True
+    assert cfg.lr_schedule is LRSchedule.MULTISTEP and cfg.clean_adv_forward is CleanAdvForward.AUTO
+    assert cfg.method is Method.NEOKD and cfg.eokd_redraw is RedrawPolicy.BATCH
+    assert cfg.confidence is ConfidenceMeasure.MAX_PROB and cfg.device is Device.AUTO
+    assert cfg.dataset is DatasetName.MNIST
+    assert TrainConfig().gamma is not cfg.gamma  # mutable defaults are not shared
+
+
+def test_to_dict_holds_plain_values_and_round_trips(tmp_path):
+    cfg = load_config("mnist-quick", ["method=adv", "eval_limit=null", "confidence=entropy"])
+    d = cfg.to_dict()
+    assert d["method"] == "adv" and d["optimizer"] == "adam" and d["confidence"] == "entropy"
+    assert d["eval_limit"] is None and type(d["method"]) is str
+    save_config(cfg, tmp_path / "config.yaml")
+    loaded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert loaded == d and list(loaded) == list(TrainConfig.model_fields)
+    assert TrainConfig.model_validate(loaded) == cfg
+    assert cfg.run_dir == __import__("pathlib").Path("runs") / "mnist-quick"
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"iterations": True}, "iterations must be an integer, got True"),
+    ({"iterations": 2.0}, "iterations must be an integer, got 2.0"),
+    ({"iterations": "12"}, "iterations must be an integer, got '12'"),
+    ({"lr": True}, "lr must be a number, got True"),
+    ({"lr": "0.1"}, "lr must be a number"),
+    ({"channels_last": 1}, "channels_last must be true or false, got 1"),
+    ({"gamma": [1.0, "x", 1.0]}, "gamma[1] must be a number, got 'x'"),
+    ({"gamma": 1.0}, "gamma must be a list"),
+    ({"model_args": [1]}, "model_args must be a mapping"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"onecycle_pct_start": 1.0}, "onecycle_pct_start must be < 1"),
+    ({"optimizer": "rmsprop"}, "optimizer must be one of 'sgd' or 'adam', got 'rmsprop'"),
+    ({"attack": "single"}, "attack must be one of 'max-average' or 'average'"),
+    ({"method": "magic"}, "method must be one of 'clean', 'adv' or 'neokd'"),
+    ({"device": "tpu"}, "device must be one of"),
+    ({"eokd_redraw": "epoch"}, "eokd_redraw must be one of 'batch' or 'fixed'"),
+    ({"confidence": "margin"}, "confidence must be one of 'max_prob' or 'entropy'"),
+    ({"attack_model_mode": "frozen"}, "attack_model_mode must be one of 'eval' or 'train'"),
+    ({"base_loss_weighting": "half"}, "base_loss_weighting must be one of 'rdi' or 'unweighted'"),
+    ({"lr_schedule": "cosine"}, "lr_schedule must be one of 'multistep' or 'onecycle'"),
+    ({"dataset": "svhn"}, "dataset must be one of"),
+    ({"train_limit": None, "no_such_key": 1}, "unknown config key 'no_such_key'"),
+    ({"clean_weight": 0.3, "adv_weight": 0.7}, "replaced by base_loss_weighting"),
+])
+def test_bad_values_raise_one_line_config_errors(values, message):
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(TrainConfig(), values)
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+
+
+def test_several_problems_are_reported_together_on_one_line():
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(TrainConfig(), {"iterations": "x", "eps": -1.0})
+    text = str(info.value)
+    assert "iterations must be an integer" in text and "eps must be >= 0" in text and "\n" not in text
+
+
+def test_construction_and_assignment_are_validated_too():
+    with pytest.raises(ConfigError, match="unknown config key 'lr_decay'"):
+        TrainConfig(lr_decay=0.1)
+    with pytest.raises(ConfigError, match="iterations must be an integer"):
+        TrainConfig(iterations="many")
+    cfg = TrainConfig()
+    with pytest.raises(ConfigError, match="batch_size must be an integer"):
+        cfg.batch_size = 1.5
+    cfg.method = "adv"  # enum values are accepted by value
+    assert cfg.method is Method.ADV
+    assert cfg.batch_size == 256
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    cfg = apply_overrides(TrainConfig(), {"lr": 1, "gamma": [1, 2, 3], "weight_decay": 0})
+    assert cfg.lr == 1.0 and type(cfg.lr) is float and cfg.gamma == [1.0, 2.0, 3.0]
+
+
+def test_apply_overrides_updates_in_place_and_validates_as_a_whole():
+    cfg = TrainConfig()
+    out = apply_overrides(cfg, {"method": "clean", "iterations": 5})
+    assert out is cfg and cfg.method is Method.CLEAN and cfg.iterations == 5
+    with pytest.raises(ConfigError):
+        apply_overrides(cfg, {"iterations": 7, "lr": "fast"})
+    assert cfg.iterations == 5, "a failed override leaves the config untouched"
+
+
+def test_legacy_base_weights_in_saved_configs_are_mapped():
+    """Checkpoints saved before base_loss_weighting hold clean_weight / adv_weight."""
+    assert apply_overrides(TrainConfig(), {"clean_weight": 0.5, "adv_weight": 0.5}).base_loss_weighting \
+        is BaseLossWeighting.RDI
+    cfg = TrainConfig.model_validate({"clean_weight": 1.0, "adv_weight": 1.0})
+    assert cfg.base_loss_weighting is BaseLossWeighting.UNWEIGHTED
+
+
+def test_presets_load_and_keep_their_values():
+    assert {"mnist-quick", "mnist-paper", "fashion-quick", "cifar10-paper"} <= set(list_presets())
+    for preset in list_presets():
+        assert load_config(preset).name == preset
+    quick = load_config("mnist-quick")
+    assert (quick.optimizer, quick.batch_size, quick.iterations, quick.attack_steps, quick.step_size,
+            quick.eps_warmup_iters) == (Optimizer.ADAM, 128, 800, 5, 0.1, 320)
+    cifar = load_config("cifar10-paper")
+    assert cifar.dataset is DatasetName.CIFAR10 and cifar.model_args == {"blocks_per_stage": 6}
+
+
+def test_overrides_parse_yaml_but_keep_text_keys_as_written():
+    assert parse_overrides(["iterations=100", "gamma=[1, 1, 1.5]", "eval_limit=null", "name=007", "out_dir=2024"]) \
+        == {"iterations": 100, "gamma": [1, 1, 1.5], "eval_limit": None, "name": "007", "out_dir": "2024"}
+    assert load_config("mnist-quick", ["name=007"]).name == "007"
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config("mnist-quick", ["iterations"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'"):
+        load_config("nope")
+    with pytest.raises(ConfigError, match="iterations must be an integer, got 'lots'"):
+        load_config("mnist-quick", ["iterations=lots"])
+
+
+def test_every_default_is_written_once():
+    """No default is repeated outside the model: TrainConfig() is the only source of defaults."""
+    fields = TrainConfig.model_fields
+    assert all(not f.is_required() for f in fields.values())
+    assert TrainConfig().to_dict() == TrainConfig.model_validate({}).to_dict()
