@@ -5,9 +5,11 @@ Keys (format_version 2):
     model_name, model_args, state_dict,
     cost              per-stage and per-head MFLOPs measured with FlopCounterMode (early_exit.costs.CostProfile
                       as a dict, with the derived staged and anytime costs per exit),
-    dataset           {"name", "input_shape", "classes"},
+    dataset           {"name", "input_shape", "classes", "background"},
     config            the resolved training config (dict),
-    step, epoch, optimizer, scheduler, rng   (resume state; optional),
+    resume state (last.pt; optional): step, epoch, batch (position inside the epoch), samples, seconds,
+                      optimizer, scheduler, timing (the in-run timing sums), history, and rng: {"world_size",
+                      per-rank python / numpy / torch CPU and CUDA states and the attack and EOKD generators}.
 
 Evaluation never rewrites a checkpoint: it writes its calibration table and summary to
 `calibration.json` beside it (training.evaluate), which export reads.
