@@ -21,7 +21,7 @@ DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
 FORCE  ?=
 
 .PHONY: help setup data train evaluate export archive train-export test test-unit test-integration \
-        bench-train bench-serve bench-export serve stop clean
+        bench-train bench-serve bench-export bench-compute serve stop clean
 
 help:
 	@echo "make train-export [PRESET=mnist-quick]   train, evaluate, calibrate, export and archive a model"
@@ -29,6 +29,7 @@ help:
 	@echo "make archive                              re-export the trained checkpoint (no retraining)"
 	@echo "make serve / make stop                    start / stop TorchServe on model_store/ (builds the archive)"
 	@echo "make bench-train / make bench-serve       benchmarks (write bench/results/*.json)"
+	@echo "make bench-compute / make bench-export    compute-bound serving (CIFAR ResNet); the export's parity report"
 
 # --- environment -----------------------------------------------------------
 $(STAMP): pyproject.toml
@@ -104,6 +105,10 @@ test-integration: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m training.data --root data mnist
 	$(PY) -m bench.bench_train --preset mnist-quick
+
+# Where compute dominates: the CIFAR multi-exit ResNet (random weights) served per forced exit vs the full graph.
+bench-compute: $(STAMP)
+	$(PY) -m bench.bench_compute
 
 # The export's own parity and robustness report (written beside the graphs), published with the benchmarks.
 bench-export: $(MAR)

@@ -1,17 +1,32 @@
-"""`make bench-serve`: the early-exit server against a full-graph server and the in-process upper bound.
+"""`make bench-serve`: the early-exit server against stock TorchServe, a full-graph server and the in-process limit.
 
-On an MNIST archive (default model_store/mnist.mar from `make train-export`) and the MNIST test set sent
-as PNG over HTTP (token auth on, loopback):
-  (a) early_exit_http   TorchServe + serving/handler.py, staged early exit at the default budget
-  (b) full_graph_http   the same server and archive with handler mode full_graph_only (full.onnx)
-  (c) in_process        the same handler called in-process (TorchServe's Context, no HTTP, no frontend):
+On an MNIST archive (default model_store/mnist.mar from `make train-export`) and the MNIST test set over HTTP
+(token auth on, loopback):
+  (a) early_exit_http   TorchServe + serving/handler.py, staged early exit at the default budget; PNG bodies
+  (b) stock_torchserve  what a user runs without this project: TorchServe 0.12 serving the archive's full.onnx
+                        through BaseHandler's ONNX path (bench/stock.py, bench/stock_onnx_handler.py), the same
+                        batchSize, maxBatchDelay, workers, config.properties and log4j2.xml; the same images as
+                        JSON {"instances": [C x H x W floats]} (TorchServe's JSON envelope), answers = logits
+  (c) full_graph_http   (a)'s server and archive with handler mode full_graph_only (full.onnx); PNG bodies
+  (d) in_process        the same handler called in-process (TorchServe's Context, no HTTP, no frontend):
                         the staged onnxruntime loop plus decoding, batch 1 and batch = the archive's batchSize
-at concurrency 1 and 16: requests/s, p50/p99 latency, mean staged MFLOPs per request. Answers through HTTP
-are compared row for row with the offline answers of the same staged runner (early_exit/runner.py) on the
-same graphs, per calibrated budget too; budget violations are counted against the staged cost of the exit
-that answered (stages and heads 1..k, taken from the manifest's cost profile, not from the response).
+at concurrency 1 and 16: requests/s, p50/p99 latency, mean staged MFLOPs per request, CPU per request of the
+client, TorchServe's Java frontend and its Python workers. All servers run at once and get their bursts in
+interleaved rounds (bench/servers.py); figures are medians over `--rounds`, ratios medians of per-round ratios.
+Reported: (a) against (b) per concurrency (targets: >= 1.0x at c=1, >= 1.2x at c=16) and (a) against (d) at
+c=16 (the HTTP overhead; target >= 0.35), the latter also from CPU time (what it tends to on a quiet machine).
+Answers through HTTP are compared row
+for row with the offline answers of the same staged runner (early_exit/runner.py) on the same graphs, per
+calibrated budget too; budget violations are counted against the staged cost of the exit that answered
+(stages and heads 1..k, taken from the manifest's cost profile, not from the response).
+
+`--sweep-settings` also sweeps the server's settings (workers, batchSize, maxBatchDelay, onnxruntime threads,
+netty thread pools, job queue; bench/sweep.py) at concurrency 16: an A/A control (the noise floor), then each
+candidate against the best so far, both on fresh servers with interleaved bursts, each also against the
+in-process loop with its batch size and threads; the best is confirmed against the archive's own setting
+A/B/A/B, and the sweep and the recommended defaults go into the result (`--sweep-only`: the sweep alone).
 Client threads and the server share the machine's cores: figures are for this machine only.
-Writes bench/results/serve-<dataset>.json.
+Writes bench/results/serve-<dataset>.json (serve-<dataset>-sweep.json with --sweep-only).
 """
 from __future__ import annotations
 
@@ -19,13 +34,11 @@ import argparse
 import io
 import json
 import logging
+import os
 import shutil
 import tempfile
-import threading
 import time
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,24 +46,19 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from bench.common import machine, now, versions
+from bench import servers, stock, sweep
+from bench.common import Call, latency_summary, load, ratio, result_header, seed_everything, self_cpu_seconds
 from early_exit.manifest import Manifest, load_manifest, verify_files
 from early_exit.policy import entry_for_budget
 from early_exit.runner import StagedRunner
-from serving.client import Client
-from serving.server import KeyKind, Ports, start_server
 
 log = logging.getLogger("bench.serve")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MODEL_CONFIG = "model-config.yaml"
+TARGETS = {"stock_throughput_ratio": {1: 1.0, 16: 1.2}, "http_vs_in_process_c16": 0.35}
 
-
-@dataclass
-class Call:
-    status: int | None
-    latency_s: float
-    body: dict[str, Any] | None
+__all__ = ["Call", "load", "main", "summarize"]
 
 
 def png_bodies(x: np.ndarray) -> list[bytes]:
@@ -74,16 +82,10 @@ def unpack(archive: Path, folder: Path) -> tuple[Manifest, dict[str, Any]]:
 
 def full_graph_archive(archive: Path, out: Path) -> Path:
     """A copy of the archive whose model-config.yaml sets handler.mode: full_graph_only (same name)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
-        for item in src.infolist():
-            data = src.read(item.filename)
-            if item.filename == MODEL_CONFIG:
-                config = yaml.safe_load(data) or {}
-                config.setdefault("handler", {})["mode"] = "full_graph_only"
-                data = yaml.safe_dump(config, sort_keys=False).encode()
-            dst.writestr(item, data)
-    return out
+    def edit(config: dict[str, Any]) -> dict[str, Any]:
+        config.setdefault("handler", {})["mode"] = "full_graph_only"
+        return config
+    return sweep.rewrite_model_config(archive, out, edit)
 
 
 def offline_policy(runner: StagedRunner, x: np.ndarray, y: np.ndarray, budget: float, batch: int = 256
@@ -98,7 +100,7 @@ def offline_policy(runner: StagedRunner, x: np.ndarray, y: np.ndarray, budget: f
             "mean_mflops": float(np.concatenate([p.mflops for p in parts]).mean())}
 
 
-def violations(calls: list["Call"], staged: Sequence[float]) -> int:
+def violations(calls: list[Call], staged: Sequence[float]) -> int:
     """Answers whose exit's staged cost (from the manifest) exceeds the budget applied, or whose reported
     spend differs from that staged cost."""
     ok = [c for c in calls if c.status == 200 and c.body]
@@ -106,106 +108,70 @@ def violations(calls: list["Call"], staged: Sequence[float]) -> int:
                or abs(c.body["mflops_spent"] - staged[c.body["exit_index"] - 1]) > 1e-9 * staged[-1])
 
 
-def load(url: str, model: str, token: str | None, bodies: Sequence[bytes], concurrency: int,
-         budget: float | None = None) -> tuple[list[Call], float]:
-    """Send every body once with `concurrency` client threads (persistent connections); answers in order."""
-    calls: list[Call | None] = [None] * len(bodies)
-    counter = iter(range(len(bodies)))
-    lock = threading.Lock()
-
-    def worker() -> None:
-        client = Client(url, model, token, timeout=60)
-        try:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                started = time.perf_counter()
-                try:
-                    r = client.predict(bodies[i], budget)
-                    calls[i] = Call(r.status, time.perf_counter() - started, r.body if isinstance(r.body, dict) else None)
-                except OSError as exc:
-                    log.warning("request %d failed: %s", i, exc)
-                    calls[i] = Call(None, time.perf_counter() - started, None)
-        finally:
-            client.close()
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        for f in [pool.submit(worker) for _ in range(concurrency)]:
-            f.result()
-    return [c for c in calls if c is not None], time.perf_counter() - started
-
-
 def summarize(calls: list[Call], seconds: float, staged: Sequence[float], y: np.ndarray | None = None
               ) -> dict[str, Any]:
+    """One run: requests/s and latency (bench.common.latency_summary), errors, mean MFLOPs, violations, accuracy."""
     ok = [c for c in calls if c.status == 200 and c.body]
-    lat = np.array([c.latency_s for c in calls]) * 1000
-    out: dict[str, Any] = {
-        "requests": len(calls), "errors": len(calls) - len(ok), "seconds": round(seconds, 3),
-        "requests_per_s": round(len(calls) / seconds, 1),
-        "p50_ms": round(float(np.percentile(lat, 50)), 3), "p99_ms": round(float(np.percentile(lat, 99)), 3),
-        "mean_mflops": round(float(np.mean([c.body["mflops_spent"] for c in ok])), 4) if ok else None,
-        "budget_violations": violations(calls, staged),
-    }
+    out: dict[str, Any] = {**latency_summary([c.latency_s for c in calls], seconds), "errors": len(calls) - len(ok),
+                           "mean_mflops": round(float(np.mean([c.body["mflops_spent"] for c in ok])), 4) if ok else None,
+                           "budget_violations": violations(calls, staged)}
     if y is not None and len(calls) == len(y):
-        out["accuracy"] = float(np.mean([c.status == 200 and c.body["class_index"] == t for c, t in zip(calls, y)]))
+        out["accuracy"] = float(np.mean([c.status == 200 and c.body is not None and c.body["class_index"] == t
+                                         for c, t in zip(calls, y)]))
     return out
 
 
-def http_runs(label: str, archive: Path, state: Path, bodies: list[bytes], y: np.ndarray, staged: Sequence[float],
-              c1_requests: int,
-              concurrency: Sequence[int], warmup: int, sweep: Sequence[float] = (), sweep_requests: int = 0,
-              ) -> tuple[list[dict[str, Any]], dict[float, list[Call]], list[Call]]:
-    """Start a server on `archive`, run the concurrency levels (and an optional budget sweep), stop it."""
-    store = state / "store"
-    store.mkdir(parents=True)
-    shutil.copy(archive, store / archive.name)
-    server = start_server(store, [archive.name], state / "serve", Ports.free())
-    runs, swept, full_calls = [], {}, []
-    try:
-        token, model = server.key(KeyKind.INFERENCE), server.models[0]
-        load(server.inference_url, model, token, bodies[:warmup], max(concurrency))
-        for c in concurrency:
-            subset = bodies if c > 1 else bodies[:c1_requests]
-            calls, seconds = load(server.inference_url, model, token, subset, c)
-            runs.append({"server": label, "concurrency": c, **summarize(calls, seconds, staged, y[:len(subset)])})
-            log.info("%s c=%d: %s", label, c, runs[-1])
-            if len(subset) == len(bodies):
-                full_calls = calls
-        for budget in sweep:
-            calls, _ = load(server.inference_url, model, token, bodies[:sweep_requests], max(concurrency), budget)
-            swept[budget] = calls
-    finally:
-        server.stop()
-    return runs, swept, full_calls
+def warm_up(running: "servers.Running", bodies: Sequence[bytes], requests: int) -> None:
+    """`requests` bodies (cycling) at concurrency 16, then a tenth of them at concurrency 1."""
+    if requests <= 0 or not bodies:
+        return
+    cycled = [bodies[i % len(bodies)] for i in range(requests)]
+    running.run(cycled, 16)
+    running.run(cycled[:max(1, requests // 10)], 1)
 
 
-def in_process_runs(folder: Path, manifest: Manifest, bodies: list[bytes], y: np.ndarray, batch_sizes: Sequence[int],
-                    c1_requests: int, threads: int) -> list[dict[str, Any]]:
-    """(c): EarlyExitHandler.handle on batches of PNG bodies, with TorchServe's Context and metrics cache."""
-    from ts.context import Context
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
-    from ts.service import Service
+def answer_stats(calls: list[Call], staged: Sequence[float], y: np.ndarray | None) -> dict[str, Any]:
+    """What a burst's answers say beyond its latency: mean MFLOPs, budget violations, accuracy."""
+    s = summarize(calls, 1.0, staged, y)
+    return {k: s[k] for k in ("mean_mflops", "budget_violations", "accuracy") if k in s}
 
-    from serving.handler import EarlyExitHandler
 
-    cache = MetricsCacheYamlImpl(config_file_path=str(REPO / "serving" / "metrics.yaml"))
-    cache.initialize_cache()
-    cache.model_name = manifest.name
-    logging.getLogger("ts.metrics.caching_metric").setLevel(logging.WARNING)  # metric lines go to stdout
-    ctx = Context(manifest.name, str(folder), {"model": {"modelName": manifest.name}}, max(batch_sizes), None,
-                  "0.12.0", metrics=cache, model_yaml_config={"handler": {"intra_op_threads": threads}})
-    handler = EarlyExitHandler()
-    handler.initialize(ctx)
-    runs = []
-    for b in batch_sizes:
-        subset = bodies if b > 1 else bodies[:c1_requests]
+class InProcess:
+    """(d): EarlyExitHandler.handle on batches of PNG bodies, with TorchServe's Context and metrics cache; one
+    handler per onnxruntime thread count. Metric lines are not written anywhere (a worker prints them for the
+    frontend), so this is the limit without TorchServe's own per-request work."""
+
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
+        self.folder, self.manifest = folder, manifest
+        self._handlers: dict[int, tuple[Any, Any, Any]] = {}
+
+    def _handler(self, threads: int) -> tuple[Any, Any, Any]:
+        if threads not in self._handlers:
+            from ts.context import Context
+            from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+            from serving.handler import EarlyExitHandler
+
+            cache = MetricsCacheYamlImpl(config_file_path=str(REPO / "serving" / "metrics.yaml"))
+            cache.initialize_cache()
+            cache.model_name = self.manifest.name
+            logging.getLogger("ts.metrics.caching_metric").setLevel(logging.WARNING)  # metric lines go to stdout
+            ctx = Context(self.manifest.name, str(self.folder), {"model": {"modelName": self.manifest.name}}, 64,
+                          None, "0.12.0", metrics=cache, model_yaml_config={"handler": {"intra_op_threads": threads}})
+            handler = EarlyExitHandler()
+            handler.initialize(ctx)
+            self._handlers[threads] = (handler, ctx, cache)
+        return self._handlers[threads]
+
+    def run(self, bodies: Sequence[bytes], batch_size: int, threads: int) -> tuple[dict[str, Any], list[Call]]:
+        from ts.service import Service
+
+        handler, ctx, cache = self._handler(threads)
         calls: list[Call] = []
+        cpu0 = self_cpu_seconds()
         started = time.perf_counter()
-        for start in range(0, len(subset), b):
-            chunk = subset[start:start + b]
+        for start in range(0, len(bodies), batch_size):
+            chunk = bodies[start:start + batch_size]
             batch = [{"requestId": f"r{start + j}".encode(), "parameters": [
                 {"name": "body", "contentType": "image/png", "value": body}], "headers": []}
                 for j, body in enumerate(chunk)]
@@ -216,29 +182,249 @@ def in_process_runs(folder: Path, manifest: Manifest, bodies: list[bytes], y: np
             dt = time.perf_counter() - t0
             calls += [Call(ctx.get_response_status(j)[0], dt, o) for j, o in enumerate(out)]
         seconds = time.perf_counter() - started
+        cpu = self_cpu_seconds() - cpu0
+        run = {**latency_summary([c.latency_s for c in calls], seconds),
+               "errors": sum(1 for c in calls if c.status != 200),
+               "cpu": {"wall_s": round(seconds, 3), "process_cpu_s": round(cpu, 3),
+                       "process_cpu_ms_per_request": round(cpu * 1000 / max(1, len(calls)), 4)}}
+        return run, calls
+
+
+def in_process_runs(folder: Path, manifest: Manifest, bodies: list[bytes], y: np.ndarray, batch_sizes: Sequence[int],
+                    c1_requests: int, threads: int) -> list[dict[str, Any]]:
+    """One in-process run per batch size (batch 1 on the first c1_requests bodies, larger ones on all)."""
+    limit = InProcess(folder, manifest)
+    runs = []
+    for b in batch_sizes:
+        subset = bodies if b > 1 else bodies[:c1_requests]
+        run, calls = limit.run(subset, b, threads)
         runs.append({"server": "in_process", "concurrency": 1 if b == 1 else 16, "batch_size": b,
-                     **summarize(calls, seconds, manifest.staged_mflops, y[:len(subset)])})
-        log.info("in_process batch=%d: %s", b, runs[-1])
+                     "intra_op_threads": threads, **run,
+                     **answer_stats(calls, manifest.staged_mflops, y[:len(subset)])})
     return runs
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def http_vs_in_process(runs: Sequence[dict[str, Any]], batch_size: int, label: str = "early_exit_http",
+                       concurrency: int = 16, paired: dict[str, Any] | None = None) -> dict[str, Any]:
+    """HTTP requests/s at `concurrency` over the in-process loop's at batch = the server's batchSize (the median
+    of per-round ratios when `paired` is given, else the ratio of the runs' figures)."""
+    http = next((r for r in runs if r["server"] == label and r["concurrency"] == concurrency), None)
+    limit = next((r for r in runs if r["server"] == "in_process" and r.get("batch_size") == batch_size), None)
+    value = ratio(http and http["requests_per_s"], limit and limit["requests_per_s"])
+    if paired and paired.get("median") is not None:
+        value = paired["median"]
+    target = TARGETS["http_vs_in_process_c16"]
+    return {"concurrency": concurrency, "http_requests_per_s": http and http["requests_per_s"],
+            "in_process_requests_per_s": limit and limit["requests_per_s"], "in_process_batch_size": batch_size,
+            "ratio": value, "per_round": (paired or {}).get("per_round"), "target": target,
+            "meets_target": None if value is None else value >= target,
+            "cpu": cpu_bound_estimate(http, limit)}
+
+
+def cpu_bound_estimate(http: dict[str, Any] | None, limit: dict[str, Any] | None,
+                       cores: int | None = None) -> dict[str, Any] | None:
+    """The same ratio from CPU time instead of wall time, which other jobs on a shared machine disturb much less:
+    CPU ms per request over HTTP (client + TorchServe's processes) and in process (one thread), and the ratio both
+    would reach if CPU were the only limit: HTTP spreading over every core, the in-process loop on one."""
+    cores = cores or os.cpu_count() or 1
+    h = ((http or {}).get("cpu_ms_per_request") or {})
+    p = ((limit or {}).get("cpu_ms_per_request") or {})
+    if "server" not in h or "process" not in p:
+        return None
+    http_ms = h["server"] + h.get("client", 0.0)
+    return {"http_ms_per_request": round(http_ms, 4), "http_server_ms_per_request": h["server"],
+            "http_client_ms_per_request": h.get("client"), "in_process_ms_per_request": p["process"],
+            "cores": cores, "ratio_if_cpu_bound": round(cores * p["process"] / http_ms, 3) if http_ms else None,
+            "note": "wall-time ratio on a quiet machine tends to this; the client's share goes away when clients "
+                    "run elsewhere"}
+
+
+# ------------------------------------------------------------------------------------------ settings sweep
+class SettingsSweep:
+    """Compares settings side by side: a fresh server per setting (the archive rewritten with its model-config,
+    config.properties keys over ours), all warmed up alike, then `rounds` rounds of a concurrency-16 burst and a
+    concurrency-1 burst per server, order alternating, plus the in-process loop with the candidate's batch size
+    and threads. Fresh servers on both sides, because a server that has run longer has a warmer JIT: kept alive
+    as the reference, it beat fresh copies of its own setting by 10-35% here. At most two servers run at once."""
+
+    def __init__(self, archive: Path, folder: Path, manifest: Manifest, work: Path, bodies: list[bytes],
+                 y: np.ndarray, warmup: int, rounds: int, c1_requests: int = 0) -> None:
+        self.archive, self.folder, self.manifest, self.work = archive, folder, manifest, work
+        self.bodies, self.y, self.warmup, self.rounds, self.c1_requests = bodies, y, warmup, rounds, c1_requests
+        self.limit = InProcess(folder, manifest)
+
+    def close(self) -> None:
+        """Nothing outlives a comparison (kept for symmetry with callers that always close)."""
+
+    def in_process(self, setting: sweep.Setting) -> dict[str, Any]:
+        return self.limit.run(self.bodies, setting.batch_size, setting.intra_op_threads)[0]
+
+    def interleaved(self, settings: Sequence[sweep.Setting], rounds: int, with_in_process: bool = False,
+                    c1: bool = False) -> list[dict[str, Any]]:
+        """One fresh server per entry of `settings` (an entry may repeat: an A/A control), warmed up alike; then
+        `rounds` rounds of one concurrency-16 burst each (order alternating), with_in_process one in-process burst
+        right after each HTTP burst, with c1 a concurrency-1 burst right after each concurrency-16 burst. Returns per
+        entry {"http": [runs], "in_process": [runs], "c1": [runs]}."""
+        out: list[dict[str, Any]] = [{"http": [], "in_process": [], "c1": []} for _ in settings]
+        live: list[servers.Running] = []
+        try:
+            targets = []
+            for s in settings:
+                archive = sweep.rewrite_model_config(self.archive, self.work / s.label() / self.archive.name,
+                                                     s.model_config)
+                targets.append(servers.Target(s.label(), archive, s.server_config()))
+            live = servers.start_all(targets, self.work)
+            for running in live:
+                warm_up(running, self.bodies, self.warmup)
+            for i in range(rounds):
+                for j in (range(len(settings)) if i % 2 == 0 else reversed(range(len(settings)))):
+                    run, calls = live[j].run(self.bodies, 16)
+                    run.update(answer_stats(calls, self.manifest.staged_mflops, self.y))
+                    out[j]["http"].append(run)
+                    if c1 and self.c1_requests:
+                        out[j]["c1"].append(live[j].run(self.bodies[:self.c1_requests], 1)[0])
+                    if with_in_process:
+                        out[j]["in_process"].append(self.in_process(settings[j]))
+        finally:
+            for running in live:
+                running.stop()
+        return out
+
+    def __call__(self, candidate: sweep.Setting, reference: sweep.Setting) -> dict[str, Any]:
+        ref_got, cand_got = self.interleaved([reference, candidate], self.rounds, c1=True)
+        cand, ref = cand_got["http"], ref_got["http"]
+        m, mr = servers.medians(cand), servers.medians(ref)
+        row = {"requests": m["requests"], "errors": m["errors"], "requests_per_s": m["requests_per_s"],
+               "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"], "reference_requests_per_s": mr["requests_per_s"],
+               "paired_ratio": servers.paired_ratio(cand, ref)["median"],
+               "cpu_ms_per_request": m.get("cpu_ms_per_request"), "budget_violations":
+                   int(sum(r.get("budget_violations", 0) for r in cand))}
+        if cand_got["c1"] and ref_got["c1"]:
+            c1, ref_c1 = servers.medians(cand_got["c1"]), servers.medians(ref_got["c1"])
+            row.update(c1_requests_per_s=c1["requests_per_s"], c1_p50_ms=c1["p50_ms"], c1_p99_ms=c1["p99_ms"],
+                       reference_c1_p50_ms=ref_c1["p50_ms"])
+            row["errors"] += c1["errors"]
+        limit = self.in_process(candidate)
+        estimate = cpu_bound_estimate(m, servers.medians([limit]))
+        row.update(in_process_requests_per_s=limit["requests_per_s"],
+                   http_vs_in_process=ratio(row["requests_per_s"], limit["requests_per_s"]),
+                   http_vs_in_process_if_cpu_bound=estimate and estimate["ratio_if_cpu_bound"])
+        log.info("sweep %s vs %s: %s", candidate.label(), reference.label(), row)
+        return row
+
+    def control(self, base: sweep.Setting) -> dict[str, Any]:
+        """A/A: two fresh servers with the same setting; how far from 1.0 their paired ratio lands is the noise
+        floor of one comparison on this machine now."""
+        a, b = self.interleaved([base, base], self.rounds)
+        return {"setting": base.label(), "paired_ratio": servers.paired_ratio(b["http"], a["http"]),
+                "requests_per_s": [servers.medians(a["http"])["requests_per_s"],
+                                   servers.medians(b["http"])["requests_per_s"]]}
+
+    def confirm(self, base: sweep.Setting, best: sweep.Setting, rounds: int) -> dict[str, Any]:
+        """Base and best side by side again (fresh), each with its in-process limit right after its HTTP burst."""
+        settings = [base] if best == base else [base, best]
+        got = self.interleaved(settings, rounds, with_in_process=True, c1=True)
+        by = {"base": got[0], "best": got[-1]}
+        out: dict[str, Any] = {}
+        for which, s in (("base", base), ("best", best)):
+            http, limit = by[which]["http"], by[which]["in_process"]
+            m_http, m_limit = servers.medians(http), servers.medians(limit)
+            out[which] = {"setting": s.to_dict(), "label": s.label(), "http": m_http, "in_process": m_limit,
+                          "c1": servers.medians(by[which]["c1"]) if by[which]["c1"] else None,
+                          "http_vs_in_process": servers.paired_ratio(http, limit),
+                          "cpu": cpu_bound_estimate(m_http, m_limit)}
+        out["best_over_base"] = servers.paired_ratio(by["best"]["http"], by["base"]["http"])
+        return out
+
+
+def settings_sweep(measure: Any, base: sweep.Setting, axes: dict[str, Sequence[Any]], confirm_rounds: int,
+                   min_gain: float, max_c1_p50_increase: float = 0.25) -> dict[str, Any]:
+    """An A/A control, the coordinate sweep (paired comparisons), then base and best confirmed A/B/A/B with the
+    in-process limit measured beside each; the recommendation stands only if the confirmation repeats the gain.
+    A gain must exceed both min_gain and the A/A control's distance from 1 (the noise floor right now)."""
+    control = measure.control(base) if hasattr(measure, "control") else None
+    noise = abs(1.0 - control["paired_ratio"]["median"]) if control and control["paired_ratio"]["median"] else 0.0
+    gain_needed = round(max(min_gain, noise), 3)
+    best, rows = sweep.coordinate_sweep(base, axes, measure, gain_needed, max_c1_p50_increase)
+    confirm = measure.confirm(base, best, confirm_rounds)
+    gain = confirm["best_over_base"]["median"]
+    c1 = {which: (confirm[which].get("c1") or {}).get("p50_ms") for which in ("base", "best")}
+    confirmed = best != base and gain is not None and sweep.wins(
+        {"errors": 0, "paired_ratio": gain, "c1_p50_ms": c1["best"], "reference_c1_p50_ms": c1["base"]},
+        gain_needed, max_c1_p50_increase)
+    chosen = best if confirmed else base
+    chosen_confirm = confirm["best" if confirmed else "base"]
+    chosen_ratio = chosen_confirm["http_vs_in_process"]["median"]
+    target = TARGETS["http_vs_in_process_c16"]
+    return {
+        "objective": "requests/s at concurrency 16 (HTTP, early exit at the default budget), no errors; each "
+                     "candidate against the best so far, interleaved",
+        "min_gain": min_gain, "gain_needed": gain_needed, "max_c1_p50_increase": max_c1_p50_increase,
+        "axes": {k: list(v) for k, v in axes.items()}, "base": base.to_dict(),
+        "noise_control": control, "rows": rows, "sweep_best": best.to_dict(), "confirm": confirm,
+        "best_over_base": gain,
+        "confirmed": confirmed, "chosen": chosen.to_dict(), "chosen_label": chosen.label(),
+        "http_vs_in_process_c16": {"ratio": chosen_ratio, "target": target,
+                                   "meets_target": None if chosen_ratio is None else chosen_ratio >= target,
+                                   "cpu": chosen_confirm.get("cpu")},
+        "recommended_defaults": sweep.recommendation(base, chosen),
+    }
+
+
+# -------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.bench_serve", description=__doc__.splitlines()[0])
     p.add_argument("--archive", type=Path, default=REPO / "model_store" / "mnist.mar")
     p.add_argument("--data-dir", type=Path, default=REPO / "data")
     p.add_argument("--limit", type=int, help="use the first N test images (default: all)")
-    p.add_argument("--c1-requests", type=int, default=2000, help="requests of the concurrency-1 runs")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds: every server (and the in-process loop) gets one burst per round and "
+                        "concurrency; medians and per-round ratios are reported")
+    p.add_argument("--c1-requests", type=int, default=1000, help="requests per concurrency-1 burst")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--sweep-requests", type=int, default=2000, help="images per calibrated budget in the sweep")
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=2000,
+                   help="requests sent to each server (concurrency 16, then a tenth at 1) before measuring: the "
+                        "frontend's JIT compiles for the first thousands of requests and would bill the first rounds")
+    p.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe baseline")
+    p.add_argument("--sweep-settings", action="store_true",
+                   help="also sweep the server's settings at concurrency 16 (bench/sweep.py)")
+    p.add_argument("--sweep-only", action="store_true", help="the settings sweep alone (implies --sweep-settings)")
+    p.add_argument("--settings-requests", type=int, default=3000,
+                   help="requests per concurrency-16 burst in the sweep (a few seconds: shorter bursts are noise)")
+    p.add_argument("--settings-rounds", type=int, default=3, help="bursts per setting in each sweep comparison")
+    p.add_argument("--settings-c1-requests", type=int, default=200,
+                   help="requests per setting at concurrency 1 (reported beside, not optimized; 0 skips)")
+    p.add_argument("--sweep-axis", action="append", default=[], metavar="NAME=V1,V2",
+                   help=f"sweep only these axes, in this order (repeatable; names: {', '.join(sweep.AXIS_NAMES)})")
+    p.add_argument("--confirm-rounds", type=int, default=4, help="A/B rounds of base against the sweep's best")
+    p.add_argument("--min-gain", type=float, default=0.05,
+                   help="relative gain a setting needs to win (raised to the A/A control's noise when that is larger)")
+    p.add_argument("--max-c1-p50-increase", type=float, default=0.25,
+                   help="a setting whose concurrency-1 p50 exceeds the reference's by more than this never wins")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="default bench/results/serve-<dataset>.json")
     p.add_argument("--note", default="", help="free text stored in the result (e.g. which checkpoint)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("serving.server").setLevel(logging.WARNING)
     from training.data import Split, load_tensors  # the bench, not serving, may use training's data loader
 
     if not args.archive.is_file():
         p.error(f"{args.archive} does not exist: run `make train-export` first")
+    try:
+        axes = sweep.parse_axes(args.sweep_axis) if args.sweep_axis else dict(sweep.AXES)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.rounds < 1 or args.confirm_rounds < 1 or args.settings_rounds < 1:
+        p.error("rounds must be at least 1")
+    do_sweep = args.sweep_settings or args.sweep_only
+    seed_everything(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
         folder = work / "model"
@@ -246,84 +432,239 @@ def main(argv: Sequence[str] | None = None) -> int:
         x, y = load_tensors(manifest.dataset, args.data_dir, Split.TEST, limit=args.limit)
         x, y = x.numpy().astype(np.float32), y.numpy()
         bodies = png_bodies(x)
-        c1 = min(args.c1_requests, len(bodies))
-        sweep_n = min(args.sweep_requests, len(bodies))
-        default_budget = manifest.default_budget_mflops
-        budgets = sorted({row.budget_mflops for row in manifest.calibration})
-        runner = StagedRunner.from_folder(manifest, folder, intra_op_threads=2)
-        offline = offline_policy(runner, x, y, default_budget)
-        staged = manifest.staged_mflops
-        full_cost = manifest.full_graph.mflops if manifest.full_graph else manifest.cost.full
-        full_graph_costs = [full_cost] * manifest.num_exits  # full-graph answers all cost the full network
-        threads = int((model_config.get("handler") or {}).get("intra_op_threads", 1))
-        batch_size = int(model_config.get("batchSize", 1))
-
-        runs = in_process_runs(folder, manifest, bodies, y, [1, batch_size], c1, threads)
-        early, swept, early_calls = http_runs("early_exit_http", args.archive, work / "a", bodies, y, staged, c1,
-                                              args.concurrency, args.warmup, budgets, sweep_n)
-        full, _, _ = http_runs("full_graph_http", full_graph_archive(args.archive, work / "b-archive" / args.archive.name), work / "b",
-                               bodies, y, full_graph_costs, c1, args.concurrency, args.warmup)
-        runs = early + full + runs
-
-        http_pred = np.array([c.body["class_index"] if c.status == 200 else -1 for c in early_calls])
-        http_exits = np.array([c.body["exit_index"] - 1 if c.status == 200 else -1 for c in early_calls])
-        sweep_rows = []
-        for budget in budgets:
-            calls = swept[budget]
-            ref = offline_policy(runner, x[:sweep_n], y[:sweep_n], budget)
-            s = summarize(calls, 1.0, staged, y[:sweep_n])
-            sweep_rows.append({
-                "budget_mflops": budget, "requests": sweep_n, "errors": s["errors"],
-                "http_accuracy": s["accuracy"], "offline_accuracy": ref["accuracy"],
-                "http_mean_mflops": s["mean_mflops"], "offline_mean_mflops": round(ref["mean_mflops"], 4),
-                "answers_differing": int(sum(1 for c, pr in zip(calls, ref["pred"])
-                                             if c.status != 200 or c.body["class_index"] != pr)),
-                "budget_violations": s["budget_violations"],
-                "max_exit_used": max((c.body["exit_index"] for c in calls if c.status == 200), default=None),
-            })
-        result = {
-            "benchmark": "serve", "time": now(), "note": args.note, "machine": machine(),
-            "versions": versions("onnxruntime", "torchserve", "torch", "numpy", "pillow"),
-            "model": {"archive": str(args.archive), "name": manifest.name, "version": manifest.version,
-                      "dataset": manifest.dataset, "cost": manifest.cost.to_dict(),
-                      "default_budget_mflops": default_budget, "calibrated_budgets_mflops": budgets},
-            "settings": {"test_images": len(y), "concurrency_1_requests": c1, "input": "PNG over HTTP, token auth on",
-                         "batch_size": batch_size, "max_batch_delay_ms": model_config.get("maxBatchDelay"),
-                         "workers": model_config.get("minWorkers"), "intra_op_threads": threads,
-                         "in_process": "concurrency 1 = batches of 1; concurrency 16 = batches of batchSize "
-                                       "(the largest batch the server forms)",
-                         "note": "client threads and TorchServe share this machine's CPU cores"},
-            "runs": runs,
-            "accuracy": {
-                "http_early_exit": float((http_pred == y).mean()) if len(http_pred) == len(y) else None,
-                "offline_same_policy": offline["accuracy"],
-                "answers_differing_from_offline": int((http_pred != offline["pred"]).sum()),
-                "exits_differing_from_offline": int((http_exits != offline["exits"]).sum()),
-                "offline_exit_histogram": np.bincount(offline["exits"], minlength=manifest.num_exits).tolist(),
-                "http_full_graph": next((r["accuracy"] for r in full if r.get("accuracy") is not None), None),
-            },
-            "compute": {"mean_mflops_per_request_http": float(np.mean([c.body["mflops_spent"] for c in early_calls
-                                                                       if c.status == 200])) if early_calls else None,
-                        "mean_mflops_offline": offline["mean_mflops"], "full_network_mflops": full_cost,
-                        "staged_full_depth_mflops": staged[-1],
-                        "saving_vs_full_network": 1.0 - offline["mean_mflops"] / full_cost,
-                        "unit": "staged MFLOPs per request (stages and heads run); the full network runs no early "
-                                "heads"},
-            "budget_violations": sum(r["budget_violations"] for r in runs) + sum(r["budget_violations"]
-                                                                                 for r in sweep_rows),
-            "budget_sweep": sweep_rows,
-        }
-        out = args.out or RESULTS / f"serve-{manifest.dataset}.json"
+        result = result_header("serve", args.seed, args.note)
+        result["model"] = {"archive": str(args.archive), "name": manifest.name, "version": manifest.version,
+                           "dataset": manifest.dataset, "cost": manifest.cost.to_dict(),
+                           "default_budget_mflops": manifest.default_budget_mflops,
+                           "calibrated_budgets_mflops": sorted({r.budget_mflops for r in manifest.calibration})}
+        result["targets"] = {"stock_throughput_ratio": {f"c{c}": t for c, t in
+                                                        TARGETS["stock_throughput_ratio"].items()},
+                             "http_vs_in_process_c16": TARGETS["http_vs_in_process_c16"]}
+        if not args.sweep_only:
+            result.update(standard_runs(args, work, folder, manifest, model_config, x, y, bodies))
+        if do_sweep:
+            n = min(args.settings_requests, len(bodies))
+            measure = SettingsSweep(args.archive, folder, manifest, work / "sweep", bodies[:n], y[:n], args.warmup,
+                                    args.settings_rounds, min(args.settings_c1_requests, n))
+            try:
+                result["settings_sweep"] = {
+                    "requests_per_burst": n, "rounds_per_comparison": args.settings_rounds, "concurrency": 16,
+                    **settings_sweep(measure, sweep.Setting.from_model_config(model_config), axes,
+                                     args.confirm_rounds, args.min_gain, args.max_c1_p50_increase)}
+            finally:
+                measure.close()
+        suffix = "-sweep" if args.sweep_only else ""
+        out = args.out or RESULTS / f"serve-{manifest.dataset}{suffix}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps({k: result[k] for k in ("accuracy", "compute", "budget_violations")}, indent=2))
-        for r in runs:
-            print(f"{r['server']:16s} c={r['concurrency']:<3d} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
-                  f"  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  MFLOPs {r['mean_mflops']}")
+        out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        report(result)
         print(f"wrote {out}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+EARLY, STOCK, FULL = "early_exit_http", "stock_torchserve", "full_graph_http"
+
+
+def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: Manifest,
+                  model_config: dict[str, Any], x: np.ndarray, y: np.ndarray, bodies: list[bytes]) -> dict[str, Any]:
+    """(a)-(d) at the archive's own settings in interleaved rounds, the budget sweep, accuracy and compute."""
+    threads = int((model_config.get("handler") or {}).get("intra_op_threads", 1))
+    batch_size = int(model_config.get("batchSize", 1))
+    c1 = min(args.c1_requests, len(bodies))
+    sweep_n = min(args.sweep_requests, len(bodies))
+    default_budget = manifest.default_budget_mflops
+    budgets = sorted({row.budget_mflops for row in manifest.calibration})
+    runner = StagedRunner.from_folder(manifest, folder, intra_op_threads=2)
+    offline = offline_policy(runner, x, y, default_budget)
+    staged = manifest.staged_mflops
+    full_cost = manifest.full_graph.mflops if manifest.full_graph else manifest.cost.full
+    full_graph_costs = [full_cost] * manifest.num_exits  # full-graph answers all cost the full network
+
+    targets = [servers.Target(EARLY, args.archive)]
+    sent = {EARLY: bodies, FULL: bodies}
+    costs = {EARLY: staged, FULL: full_graph_costs, STOCK: full_graph_costs}
+    stock_info: dict[str, Any] = {"skipped": True}
+    if not args.no_stock and manifest.full_graph is not None:
+        full_onnx = stock.extract_full_graph(args.archive, work / "full.onnx", manifest.full_graph.file)
+        stock_mar = stock.build_stock_archive(full_onnx, model_config, work / "stock-archive", f"{manifest.name}_stock")
+        targets.append(servers.Target(STOCK, stock_mar, stock.SERVER_CONFIG,
+                                      lambda body: stock.parse_answer(body, manifest.num_exits, full_cost)))
+        sent[STOCK] = stock.json_bodies(x)
+        stock_info = {
+            "handler": "bench/stock_onnx_handler.py: BaseHandler with inference = session.run (base_handler alone "
+                       "fails: 'InferenceSession' object is not callable)",
+            "serialized_file": manifest.full_graph.file, "model_config": stock.stock_model_config(model_config),
+            "server_config_over_ours": stock.SERVER_CONFIG, "input": stock.INPUT_FORM,
+            "onnxruntime_intra_op_threads": "psutil.cpu_count(logical=True) (BaseHandler's setup_ort_session)",
+            "answer": '{"predictions": [[logits]]}; class = argmax',
+        }
+    if manifest.full_graph is not None:
+        targets.append(servers.Target(FULL, full_graph_archive(args.archive, work / "full-archive" / args.archive.name)))
+    labels = [t.label for t in targets]
+    limit = InProcess(folder, manifest)
+    per: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    first: dict[str, list[Call]] = {}
+    swept: dict[float, list[Call]] = {}
+    with servers.serving(targets, work / "servers") as live:
+        for label in labels:
+            warm_up(live[label], sent[label], args.warmup)
+        for round_ in range(args.rounds):
+            order = labels if round_ % 2 == 0 else list(reversed(labels))
+            for c in args.concurrency:
+                n = len(bodies) if c > 1 else c1
+                for label in order:
+                    run, calls = live[label].run(sent[label][:n], c)
+                    run.update(answer_stats(calls, costs[label], y[:n]))
+                    per.setdefault((label, c), []).append(run)
+                    if n == len(bodies) and label not in first:
+                        first[label] = calls
+                    log.info("round %d %s c=%d: %s", round_ + 1, label, c,
+                             {k: run[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors")})
+                b = 1 if c == 1 else batch_size
+                run, calls = limit.run(bodies[:n], b, threads)
+                run.update(answer_stats(calls, staged, y[:n]))
+                per.setdefault(("in_process", c), []).append(run)
+        for budget in budgets:
+            swept[budget], _ = load(live[EARLY].server.inference_url, live[EARLY].server.models[0], live[EARLY].token,
+                                    bodies[:sweep_n], max(args.concurrency), budget)
+
+    runs = []
+    for (label, c), rs in per.items():
+        row = {"server": label, "concurrency": c, **servers.medians(rs),
+               "mean_mflops": rs[0].get("mean_mflops"),
+               "budget_violations": int(sum(r.get("budget_violations", 0) for r in rs)),
+               "accuracy": rs[0].get("accuracy")}
+        if label == "in_process":
+            row.update(batch_size=1 if c == 1 else batch_size, intra_op_threads=threads)
+        runs.append(row)
+    order_key = {EARLY: 0, STOCK: 1, FULL: 2, "in_process": 3}
+    runs.sort(key=lambda r: (order_key[r["server"]], r["concurrency"]))
+    early_runs = [r for r in runs if r["server"] == EARLY]
+    stock_runs = [r for r in runs if r["server"] == STOCK]
+    paired_stock = {c: servers.paired_ratio(per[(EARLY, c)], per[(STOCK, c)]) for c in args.concurrency
+                    if (STOCK, c) in per}
+    vs_stock = stock.compare(early_runs, stock_runs, TARGETS["stock_throughput_ratio"],
+                             {c: p["median"] for c, p in paired_stock.items()})
+    for row in vs_stock:
+        row["throughput_ratio_per_round"] = paired_stock[row["concurrency"]]["per_round"]
+    c_high = max(args.concurrency)
+    paired_limit = servers.paired_ratio(per[(EARLY, c_high)], per[("in_process", c_high)]) \
+        if c_high > 1 else None
+
+    early_calls = first.get(EARLY, [])
+    http_pred = np.array([c.body["class_index"] if c.status == 200 else -1 for c in early_calls])
+    http_exits = np.array([c.body["exit_index"] - 1 if c.status == 200 else -1 for c in early_calls])
+    stock_calls = first.get(STOCK)
+    stock_pred = None if stock_calls is None else np.array(
+        [c.body["class_index"] if c.status == 200 and c.body else -1 for c in stock_calls])
+    full_offline = None
+    if manifest.full_graph is not None and stock_pred is not None:
+        from early_exit.runner import FullGraphRunner
+        fg = FullGraphRunner.from_folder(manifest, folder, intra_op_threads=2)
+        full_offline = np.concatenate([fg.run(x[i:i + 256]).probs.argmax(-1) for i in range(0, len(x), 256)])
+    sweep_rows = []
+    for budget in budgets:
+        calls = swept[budget]
+        ref = offline_policy(runner, x[:sweep_n], y[:sweep_n], budget)
+        s = summarize(calls, 1.0, staged, y[:sweep_n])
+        sweep_rows.append({
+            "budget_mflops": budget, "requests": sweep_n, "errors": s["errors"],
+            "http_accuracy": s["accuracy"], "offline_accuracy": ref["accuracy"],
+            "http_mean_mflops": s["mean_mflops"], "offline_mean_mflops": round(ref["mean_mflops"], 4),
+            "answers_differing": int(sum(1 for c, pr in zip(calls, ref["pred"])
+                                         if c.status != 200 or c.body["class_index"] != pr)),
+            "budget_violations": s["budget_violations"],
+            "max_exit_used": max((c.body["exit_index"] for c in calls if c.status == 200), default=None),
+        })
+    return {
+        "settings": {"test_images": len(y), "rounds": args.rounds, "concurrency_1_requests_per_round": c1,
+                     "input": f"{EARLY} / {FULL}: PNG over HTTP, token auth on; {STOCK}: " + stock.INPUT_FORM,
+                     "batch_size": batch_size, "max_batch_delay_ms": model_config.get("maxBatchDelay"),
+                     "workers": model_config.get("minWorkers"), "intra_op_threads": threads,
+                     "handler_options": model_config.get("handler"),
+                     "interleaving": "all servers up at once (idle ones use no CPU); each round sends one burst per "
+                                     "server and concurrency, then one in-process burst; figures are medians over "
+                                     "rounds, ratios are medians of per-round ratios",
+                     "in_process": "concurrency 1 = batches of 1; concurrency 16 = batches of batchSize "
+                                   "(the largest batch the server forms)",
+                     "cpu": "client: this process (the client threads); frontend: TorchServe's Java process; "
+                            "workers: its Python workers (from /proc)",
+                     "note": "client threads and TorchServe share this machine's CPU cores"},
+        "stock_baseline": stock_info,
+        "runs": runs,
+        "early_exit_vs_stock": vs_stock,
+        "http_vs_in_process": http_vs_in_process(runs, batch_size, EARLY, c_high, paired_limit),
+        "accuracy": {
+            "http_early_exit": float((http_pred == y).mean()) if len(http_pred) == len(y) else None,
+            "offline_same_policy": offline["accuracy"],
+            "answers_differing_from_offline": int((http_pred != offline["pred"]).sum()) if len(http_pred) == len(y)
+            else None,
+            "exits_differing_from_offline": int((http_exits != offline["exits"]).sum()) if len(http_exits) == len(y)
+            else None,
+            "offline_exit_histogram": np.bincount(offline["exits"], minlength=manifest.num_exits).tolist(),
+            "http_full_graph": float(np.mean([c.status == 200 and c.body["class_index"] == t
+                                              for c, t in zip(first[FULL], y)])) if len(first.get(FULL, [])) == len(y)
+            else None,
+            "http_stock": float((stock_pred == y).mean()) if stock_pred is not None else None,
+            "stock_answers_differing_from_offline_full_graph":
+                int((stock_pred != full_offline).sum()) if full_offline is not None else None,
+        },
+        "compute": {"mean_mflops_per_request_http": float(np.mean([c.body["mflops_spent"] for c in early_calls
+                                                                   if c.status == 200])) if early_calls else None,
+                    "mean_mflops_offline": offline["mean_mflops"], "full_network_mflops": full_cost,
+                    "staged_full_depth_mflops": staged[-1],
+                    "saving_vs_full_network": 1.0 - offline["mean_mflops"] / full_cost,
+                    "unit": "staged MFLOPs per request (stages and heads run); the full network runs no early "
+                            "heads"},
+        "budget_violations": sum(r["budget_violations"] for r in runs) + sum(r["budget_violations"]
+                                                                             for r in sweep_rows),
+        "budget_sweep": sweep_rows,
+    }
+
+
+def report(result: dict[str, Any]) -> None:
+    """The headline figures on stdout."""
+    if "accuracy" in result:
+        print(json.dumps({k: result[k] for k in ("accuracy", "compute", "budget_violations")}, indent=2))
+    for r in result.get("runs", []):
+        print(f"{r['server']:16s} c={r['concurrency']:<3d} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
+              f"  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  MFLOPs {r['mean_mflops']}  (median of "
+              f"{r['rounds']} rounds)")
+    for row in result.get("early_exit_vs_stock", []):
+        print(f"early exit / stock TorchServe at c={row['concurrency']}: {row['throughput_ratio']}x requests/s "
+              f"(per round {row['throughput_ratio_per_round']}, target {row['target_throughput_ratio']}x), "
+              f"p50 {row['early_exit_p50_ms']} vs {row['stock_p50_ms']} ms, p99 {row['early_exit_p99_ms']} vs "
+              f"{row['stock_p99_ms']} ms")
+    if "http_vs_in_process" in result:
+        h = result["http_vs_in_process"]
+        print(f"HTTP / in-process at c={h['concurrency']}: {h['ratio']} (per round {h['per_round']}, target {h['target']})"
+              + (f"; from CPU time: {h['cpu']['ratio_if_cpu_bound']} ({h['cpu']['http_ms_per_request']} ms per HTTP "
+                 f"request, {h['cpu']['in_process_ms_per_request']} ms in process)" if h.get("cpu") else ""))
+    s = result.get("settings_sweep")
+    if s:
+        if s.get("noise_control"):
+            print(f"sweep A/A control ({s['noise_control']['setting']} against itself): "
+                  f"x{s['noise_control']['paired_ratio']['median']}; a gain must reach x{1 + s['gain_needed']:.3f}")
+        for row in s["rows"]:
+            print(f"sweep {row['label']:24s} vs {row['reference']:16s} x{row['paired_ratio']}  c16 "
+                  f"{row['requests_per_s']:7.1f} req/s p99 {row['p99_ms']:6.1f} ms  c1 p50 "
+                  f"{row.get('c1_p50_ms', float('nan')):5.2f} ms  HTTP/in-process {row['http_vs_in_process']} "
+                  f"(CPU-bound {row.get('http_vs_in_process_if_cpu_bound')})  "
+                  f"errors {row['errors']}{'  <- won' if row['won'] else ''}")
+        c = s["confirm"]
+        print(f"sweep: best {c['best']['label']} = {s['best_over_base']}x base {c['base']['label']} "
+              f"({'confirmed' if s['confirmed'] else 'not confirmed'}); chosen {s['chosen_label']}: HTTP/in-process "
+              f"at c=16 {s['http_vs_in_process_c16']['ratio']} (target {s['http_vs_in_process_c16']['target']}; "
+              f"CPU-bound {(s['http_vs_in_process_c16'].get('cpu') or {}).get('ratio_if_cpu_bound')}); "
+              f"recommended {json.dumps(s['recommended_defaults'])}")
 
 
 if __name__ == "__main__":

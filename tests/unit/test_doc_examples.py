@@ -269,6 +269,11 @@ def check_kubectl(ex: Example, argv: list[str]) -> None:
         kustomization = yaml.safe_load((REPO / argv[3] / "kustomization.yaml").read_text())
         for resource in kustomization["resources"]:
             assert list(yaml.safe_load_all((REPO / argv[3] / resource).read_text())), f"{ex.where}: {resource}"
+    elif argv[1:3] == ["apply", "-f"]:
+        files = [argv[i + 1] for i, a in enumerate(argv) if a == "-f"]
+        for f in files:
+            docs = list(yaml.safe_load_all((REPO / f).read_text()))
+            assert docs and all(d.get("apiVersion") and d.get("kind") for d in docs), f"{ex.where}: {f}"
     elif argv[1:3] == ["create", "configmap"]:
         files = [a.split("=", 1)[1] for a in argv if a.startswith("--from-file=")]
         assert files and all((REPO / f).is_file() for f in files), f"{ex.where}: {files}"
