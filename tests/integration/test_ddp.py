@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 # A few NEO-KD steps with a 1-step attack: enough for gradients to differ per rank (each sees its own shard),
 # so only DDP's all-reduce keeps the replicas equal.
 TINY = ["iterations=6", "train_limit=512", "batch_size=32", "attack_steps=1", "eps_warmup_iters=2",
-        "val_size=1000", "checkpoint_every=100", "log_every=2", "lr_milestones=[5]", "threads=1", "num_workers=0"]
+        "val_size=1000", "checkpoint_every=100", "log_every=2", "lr_schedule=multistep", "lr_milestones=[5]", "threads=1",
+        "num_workers=0"]
 
 
 def test_torchrun_two_cpu_processes_keep_replicas_identical(tmp_path: Path, data_root: Path) -> None:

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 TINY = ["iterations=12", "train_limit=1536", "batch_size=64", "attack_steps=2", "eps_warmup_iters=4",
         "eval_limit=64", "eval_steps=3", "eval_batch_size=64", "slowdown_steps=3", "val_size=1000",
-        "log_every=4", "checkpoint_every=6", "lr_milestones=[10]", "apgd_steps=5", "policy_attack_steps=5"]
+        "log_every=4", "checkpoint_every=6", "lr_schedule=multistep", "lr_milestones=[10]", "apgd_steps=5",
+        "policy_attack_steps=5"]
 
 
 def run(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
