@@ -37,8 +37,9 @@ def calibrated_archive(model: Any, dataset: dict[str, Any], calib_x: Any, calib_
     from early_exit.policy import BudgetEntry, ConfidenceMeasure
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
+    from early_exit.manifest import sha256_file
     from training.calibrate import (Calibration, ExitOutputs, apply_policy, calibrate_table, calibration_path,
-                                    file_sha256, write_calibration)
+                                    write_calibration)
     from training.checkpoint import make_checkpoint, save_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)
@@ -57,7 +58,7 @@ def calibrated_archive(model: Any, dataset: dict[str, Any], calib_x: Any, calib_
             table.append(BudgetEntry(float(cost.staged[k]), k, th, res.accuracy, res.mean_mflops))
     ckpt_path = save_checkpoint(make_checkpoint(model, dataset, config or {"purpose": "benchmark"}), root / "model.pt")
     write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, tolerance, cost, tuple(table), cost.staged[-1],
-                                  file_sha256(ckpt_path), {"purpose": "benchmark", "calibration_rows": len(calib_y)}),
+                                  sha256_file(ckpt_path), {"purpose": "benchmark", "calibration_rows": len(calib_y)}),
                       calibration_path(ckpt_path))
     result = export_checkpoint(ckpt_path, root / "export", name, "1.0", adv_samples=0,
                                batch_sizes=tuple(parity_batch_sizes), force=True)

@@ -17,7 +17,6 @@ server uses, so offline figures and HTTP answers agree by construction.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from early_exit.costs import CostProfile
+from early_exit.manifest import sha256_file
 from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, select_exits, softmax
 
 CALIBRATION_NAME = "calibration.json"
@@ -195,14 +195,6 @@ def calibration_path(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_name(CALIBRATION_NAME)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_calibration(calibration: Calibration, path: str | Path) -> Path:
     """Atomic JSON write (a reader never sees half a file)."""
     path = Path(path)
@@ -243,6 +235,6 @@ def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> 
                                ) from None
     if not calibration.table:
         raise CalibrationError(f"{path} holds an empty calibration table")
-    if checkpoint is not None and file_sha256(checkpoint) != calibration.checkpoint_sha256:
+    if checkpoint is not None and sha256_file(checkpoint) != calibration.checkpoint_sha256:
         raise CalibrationError(f"{path} was written for other weights than {checkpoint}; re-run the evaluation")
     return calibration

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
 from training.attacks import build_attack, keep_strongest
+from early_exit.manifest import sha256_file
 from training.calibrate import (
     Calibration,
     ExitOutputs,
@@ -50,7 +51,6 @@ from training.calibrate import (
     agreement_with_last_exit,
     calibrate_table,
     calibration_path,
-    file_sha256,
     sweep,
     write_calibration,
 )
@@ -493,7 +493,7 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
     summary["plots"] = [str(p) for p in plot(summary, out_dir)]
     if write_calibration_file and split is Split.TEST:
         path = write_calibration(Calibration(measure, cfg.calibration_tolerance, cost, tuple(table), staged[-1],
-                                             file_sha256(checkpoint), headline(summary), tuple(agreement)),
+                                             sha256_file(checkpoint), headline(summary), tuple(agreement)),
                                  calibration_path(checkpoint))
         summary["calibration_file"] = str(path)
     elif write_calibration_file:

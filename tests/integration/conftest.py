@@ -105,8 +105,9 @@ def _build_tiny(root: Path) -> TinyModel:
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
     from early_exit.policy import ConfidenceMeasure
+    from early_exit.manifest import sha256_file
     from training.calibrate import Calibration, ExitOutputs, agreement_with_last_exit, calibrate_table, \
-        calibration_path, file_sha256, write_calibration
+        calibration_path, write_calibration
     from training.checkpoint import make_checkpoint, save_checkpoint
     from training.data import Split, dataset_info, load_tensors, prepare_data
 
@@ -124,7 +125,7 @@ def _build_tiny(root: Path) -> TinyModel:
     ckpt = make_checkpoint(model, dataset_info("mnist").to_dict(), {"purpose": "integration test", "loss": "ce"})
     ckpt_path = save_checkpoint(ckpt, root / "tiny.pt")
     write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.003, cost, tuple(table), exit_mflops[-1],
-                                  file_sha256(ckpt_path), {"purpose": "integration test"},
+                                  sha256_file(ckpt_path), {"purpose": "integration test"},
                                   tuple(agreement_with_last_exit(val_outputs, table[-1]))),
                       calibration_path(ckpt_path))
     trained = time.monotonic()

@@ -178,7 +178,7 @@ def _train_until(cfg: TrainConfig, steps: int) -> None:
     original = trainer._save_resume
 
     def save_then_stop(*args, **kwargs):
-        path = original(*args, **kwargs)
+        original(*args, **kwargs)
         raise Stop
     trainer._save_resume = save_then_stop
     try:

@@ -27,7 +27,6 @@ from training.calibrate import (
     ExitOutputs,
     calibrate_table,
     calibration_path,
-    file_sha256,
     read_calibration,
     write_calibration,
 )
@@ -62,7 +61,7 @@ def make_calibrated_checkpoint(arch: str, path: Path, calibrated: bool = True, s
     save_checkpoint(make_checkpoint(model, _dataset(model.input_shape), {"seed": seed}), path)
     if calibrated:
         write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.01, cost, tuple(table), cost.staged[-1],
-                                      file_sha256(path), {"clean_accuracy": [0.1] * model.num_exits,
+                                      sha256_file(path), {"clean_accuracy": [0.1] * model.num_exits,
                                                           "note": "untrained"}), calibration_path(path))
     return path
 

@@ -37,7 +37,6 @@ from tests.toy_model import (
     FULL_MFLOPS,
     METRICS_YAML,
     MODEL,
-    NEVER,
     SHAPE,
     TABLE,
     build_model_dir,
