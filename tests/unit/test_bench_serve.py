@@ -142,7 +142,6 @@ def test_stock_handler_is_one_class_overriding_only_inference() -> None:
 
 
 def test_stock_handler_runs_an_onnx_session() -> None:
-    import onnx
     import torch
     from onnx import TensorProto, helper
 
