@@ -60,7 +60,9 @@ def test_the_audit_is_off_at_rate_zero_and_validation_agreement_is_published(mod
     assert handler.auditor is None
     caplog.clear()
     handler = EarlyExitHandler()
-    handler.initialize(make_context(model_dir))
+    ctx = make_context(model_dir)
+    ctx.model_yaml_config = {"handler": {}}  # the shipped default, not the tests' audit-off context
+    handler.initialize(ctx)
     assert handler.auditor is not None and handler.auditor.rate == 0.01  # the default
     published = {d["ExitIndex"]: float(v) for name, v, d, kind in _metric_lines(caplog)
                  if name == "EarlyExitValidationAgreement" and kind == "GAUGE"}

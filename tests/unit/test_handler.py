@@ -52,11 +52,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_context(model_dir: Path, options: dict[str, Any] | None = None, gpu: int | None = None) -> Context:
+    """TorchServe's Context for the toy model. The audit is off unless `options` turn it on: its background
+    thread emits metric lines at any time, which would race with the tests that read the emitted lines
+    (tests/unit/test_audit.py covers it)."""
+    options = {"audit_rate": 0.0, **(options or {})}
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
     cache.model_name = MODEL
     return Context(MODEL, str(model_dir), {"model": {"modelName": MODEL}}, 8, gpu, "0.12.0", metrics=cache,
-                   model_yaml_config={"handler": options or {}})
+                   model_yaml_config={"handler": options})
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +323,7 @@ def test_metrics_are_emitted_with_our_dimensions_first(served, caplog: pytest.Lo
 
 def test_every_counter_series_starts_at_zero_on_load(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    EarlyExitHandler().initialize(make_context(model_dir))
+    EarlyExitHandler().initialize(make_context(model_dir, {"audit_rate": 0.01}))  # audit series start too
     lines = [line for line in _metric_lines(caplog) if line[3] == "COUNTER"]  # gauges carry the manifest's figures
     assert all(float(v) == 0 for _, v, _, _ in lines)
     started = {(name, next(iter(dims.values()))) for name, _, dims, _ in lines}
