@@ -141,7 +141,7 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
 
 def finished_evaluation(run_dir: Path, cfg: TrainConfig) -> Path | None:
     """The run's own eval/eval.json (written by `make train-export`) when it describes exactly this checkpoint
-    (calibration.json's sha256 of it) with this config's attack settings; None otherwise."""
+    (calibration.json's sha256 of it) with this config's attack and calibration settings; None otherwise."""
     from training.calibrate import CalibrationError, calibration_path, read_calibration
     from training.evaluate import attack_settings
 
@@ -153,8 +153,13 @@ def finished_evaluation(run_dir: Path, cfg: TrainConfig) -> Path | None:
     if not eval_json.is_file() or eval_json.stat().st_mtime < calibration_path(ckpt).stat().st_mtime:
         return None
     ev = json.loads(eval_json.read_text())
+    calibration = ev.get("calibration") or {}
+    robust = calibration.get("robust") or {}
     same = (ev.get("split") == "test" and ev.get("attack") == json.loads(json.dumps(attack_settings(cfg)))
-            and ev.get("attacked_samples") == cfg.eval_limit)
+            and ev.get("attacked_samples") == cfg.eval_limit
+            and calibration.get("tolerance") == cfg.calibration_tolerance
+            and robust.get("tolerance") == cfg.calibration_robust_tolerance
+            and robust.get("samples", cfg.calibration_attack_limit) == cfg.calibration_attack_limit)
     return eval_json if same else None
 
 

@@ -55,7 +55,9 @@ class ServeConfig(BaseModel):
     min_workers: Count = 1
     max_workers: Count = 1
     batch_size: Count = 8
-    max_batch_delay: Annotated[int, Field(strict=True, ge=0)] = 5  # ms
+    # ms; 1 from bench-serve's sweep on a 2-core CPU: concurrency-1 p50 2.3 ms instead of 6.5 ms at 5 ms, and
+    # concurrency-16 throughput the same within the sweep's noise (bench/results/serve-mnist.json, `sweep`)
+    max_batch_delay: Annotated[int, Field(strict=True, ge=0)] = 1
     response_timeout: Count = 30  # s
     handler: HandlerOptions = HandlerOptions()
 

@@ -8,6 +8,13 @@ validation accuracy stays within `tolerance` of always answering at the
 deepest allowed exit. The table has one row per exit's staged cost; the server picks
 the row of the largest tabulated budget not above the request's budget.
 
+Robust calibration (`RobustConstraint`, config `calibration_robust_tolerance`): the thresholds must also
+keep the policy's accuracy on attacked validation images (per sample, right under every attacked set)
+within a second tolerance of always answering at the deepest allowed exit. Clean-only thresholds let an
+attacker who makes exit 1 wrong with modest confidence walk through it; this constraint raises the early
+thresholds until attacked exits rarely clear them, at the clean cost that takes. The attacked sets come
+from `training.evaluate.calibration_attack_sets` (for each exit, the policy attack aimed at it alone).
+
 Evaluation writes the table, the cost profile and its summary to
 `calibration.json` beside the checkpoint (`write_calibration`); export reads it
 back (`read_calibration`). The checkpoint itself is never rewritten.
@@ -74,6 +81,29 @@ def apply_policy(
     return PolicyResult(exits, float(correct.mean()), float(costs.mean()))
 
 
+def policy_correct(sets: Sequence[ExitOutputs], thresholds: Sequence[float], max_exit: int,
+                   measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> np.ndarray:
+    """N booleans: the policy (`thresholds`, cap `max_exit`) answers sample n correctly on every one of `sets`
+    (the same N samples, each set attacked differently): the per-sample worst case over the sets."""
+    ok = np.ones(len(sets[0].targets), dtype=bool)
+    for outputs in sets:
+        exits = select_exits(outputs.confidences(measure), thresholds, max_exit)
+        ok &= outputs.correct()[np.arange(len(exits)), exits]
+    return ok
+
+
+@dataclass(frozen=True)
+class RobustConstraint:
+    """Attacked validation sets (the same samples, clean first) and how far the policy's robust accuracy on
+    them may fall below the robust accuracy of always answering at the deepest allowed exit."""
+
+    sets: tuple[ExitOutputs, ...]
+    tolerance: float
+
+    def accuracy(self, thresholds: Sequence[float], max_exit: int, measure: ConfidenceMeasure) -> float:
+        return float(policy_correct(self.sets, thresholds, max_exit, measure).mean())
+
+
 def _candidate_thresholds(conf: np.ndarray) -> np.ndarray:
     """Quantiles of the observed confidences plus a fixed high-confidence ladder."""
     ladder = 1.0 - np.logspace(-6, np.log10(0.5), 60)
@@ -83,16 +113,18 @@ def _candidate_thresholds(conf: np.ndarray) -> np.ndarray:
 
 def calibrate_budget(
     outputs: ExitOutputs, max_exit: int, staged_mflops: Sequence[float], tolerance: float,
-    measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB,
+    measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB, robust: RobustConstraint | None = None,
 ) -> BudgetEntry:
-    """Thresholds for a cap at `max_exit`: cheapest on validation within `tolerance` of the capped exit's accuracy.
+    """Thresholds for a cap at `max_exit`: cheapest on validation within `tolerance` of the capped exit's accuracy
+    (and, with `robust`, within `robust.tolerance` of its robust accuracy on the attacked sets).
 
     Search: one shared threshold for all early exits, then per-exit coordinate refinement.
     """
     k = outputs.probs.shape[0]
     correct = outputs.correct()
-    reference = float(correct[:, max_exit].mean())
-    floor = reference - tolerance
+    floor = float(correct[:, max_exit].mean()) - tolerance
+    never = [NEVER] * k
+    robust_floor = robust.accuracy(never, max_exit, measure) - robust.tolerance if robust else 0.0
     candidates = _candidate_thresholds(outputs.confidences(measure)[:, :max_exit]) if max_exit else np.array([NEVER])
 
     def evaluate(th: list[float]) -> PolicyResult:
@@ -101,19 +133,22 @@ def calibrate_budget(
     def better(res: PolicyResult, best: PolicyResult) -> bool:
         return (res.mean_mflops, -res.accuracy) < (best.mean_mflops, -best.accuracy)
 
-    best_th = [NEVER] * k
+    def admissible(res: PolicyResult, th: list[float]) -> bool:
+        return res.accuracy >= floor and (robust is None or robust.accuracy(th, max_exit, measure) >= robust_floor)
+
+    best_th = never
     best = evaluate(best_th)
     for t in candidates:
         th = [float(t)] * max_exit + [NEVER] * (k - max_exit)
         res = evaluate(th)
-        if res.accuracy >= floor and better(res, best):
+        if better(res, best) and admissible(res, th):
             best, best_th = res, th
     for e in range(max_exit):  # coordinate refinement, one pass per early exit
         for t in candidates:
             th = list(best_th)
             th[e] = float(t)
             res = evaluate(th)
-            if res.accuracy >= floor and better(res, best):
+            if better(res, best) and admissible(res, th):
                 best, best_th = res, th
     return BudgetEntry(
         budget_mflops=float(staged_mflops[max_exit]),
@@ -126,10 +161,11 @@ def calibrate_budget(
 
 def calibrate_table(
     outputs: ExitOutputs, staged_mflops: Sequence[float], tolerance: float = 0.003,
-    measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB,
+    measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB, robust: RobustConstraint | None = None,
 ) -> list[BudgetEntry]:
     """One row per exit: the budget equal to that exit's cumulative cost."""
-    return [calibrate_budget(outputs, k, staged_mflops, tolerance, measure) for k in range(len(staged_mflops))]
+    return [calibrate_budget(outputs, k, staged_mflops, tolerance, measure, robust)
+            for k in range(len(staged_mflops))]
 
 
 def sweep(

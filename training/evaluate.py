@@ -45,7 +45,9 @@ from early_exit.policy import BudgetEntry, ConfidenceMeasure
 from training.attacks import build_attack, keep_strongest
 from early_exit.manifest import sha256_file
 from training.calibrate import (
+    NEVER,
     Calibration,
+    RobustConstraint,
     ExitOutputs,
     apply_policy,
     agreement_with_last_exit,
@@ -244,6 +246,61 @@ class AttackSuite:
             self.policy()
         self.progress.close()
         return self.sets
+
+
+# --- robust calibration -------------------------------------------------------------------------------------
+
+CONFIDENT = 1.0 - 1e-6  # a threshold no attack reaches: the policy attack aimed at it keeps raising confidence
+
+
+def calibration_attack_sets(model: MultiExitNetwork, cfg: TrainConfig, x_val: torch.Tensor, y_val: torch.Tensor,
+                            split: Split, limit: int | None, measure: ConfidenceMeasure) -> tuple[ExitOutputs, ...]:
+    """Clean and attacked outputs of the last `calibration_attack_limit` validation images, for robust calibration.
+
+    Per exit k, two sets: the policy attack (training/attacks/policy.py) aimed at k alone (every other exit's
+    threshold is above 1, exit k's is `CONFIDENT`, so the attack makes exit k wrong and then as confident as it
+    can; the last exit: wrong), and APGD-CE on exit k (the suite's strongest untargeted attack, whose wrong
+    answers are often confident too). These sets do not depend on the thresholds being fitted, so one run
+    serves every candidate; the evaluation afterwards attacks the chosen thresholds adaptively. A `--split val`
+    evaluation attacks the FIRST `limit` validation images: the two are disjoint unless they add up to more
+    than the split.
+    """
+    n = min(cfg.calibration_attack_limit, len(y_val))
+    if split is Split.VAL and (limit or len(y_val)) + n > len(y_val):
+        log.warning("robust calibration attacks %d of the %d validation images this evaluation also attacks: "
+                    "its validation figures are optimistic", (limit or len(y_val)) + n - len(y_val), len(y_val))
+    x, y = x_val[-n:], y_val[-n:]
+    k = model.num_exits
+    sets = [evaluate(model, x, y, None, cfg.eval_batch_size, "calibration (clean)").outputs]
+    for e in range(k):
+        thresholds = [NEVER] * k
+        if e < k - 1:
+            thresholds[e] = CONFIDENT
+        attack = build_attack("policy", model, eps=cfg.eval_eps, step_size=cfg.eval_step_size,
+                              steps=cfg.policy_attack_steps, exit=e, thresholds=thresholds, max_exit=k - 1,
+                              measure=measure, kappa=cfg.policy_attack_kappa, restarts=cfg.policy_attack_restarts,
+                              seed=cfg.seed)
+        sets.append(evaluate(model, x, y, attack, cfg.eval_batch_size, f"calibration (policy, exit {e + 1})").outputs)
+        attack = build_attack("apgd-ce", model, eps=cfg.eval_eps, step_size=cfg.eval_step_size, steps=cfg.apgd_steps,
+                              exit=e, restarts=cfg.apgd_restarts, seed=cfg.seed)
+        sets.append(evaluate(model, x, y, attack, cfg.eval_batch_size, f"calibration (apgd-ce, exit {e + 1})").outputs)
+    return tuple(sets)
+
+
+def robust_calibration_summary(robust: RobustConstraint | None, table: Sequence[BudgetEntry], cfg: TrainConfig,
+                               measure: ConfidenceMeasure) -> dict[str, Any] | None:
+    """Per budget row, the calibration attack's validation robust accuracy: of the chosen thresholds and of
+    always answering at the row's deepest allowed exit (the reference the tolerance is taken from)."""
+    if robust is None:
+        return None
+    k = len(table[-1].thresholds)
+    return {"tolerance": robust.tolerance, "samples": len(robust.sets[0].targets),
+            "attacks": {"policy (each exit alone, confident and wrong)": {
+                "eps": cfg.eval_eps, "steps": cfg.policy_attack_steps, "restarts": cfg.policy_attack_restarts},
+                "apgd-ce (each exit)": {"eps": cfg.eval_eps, "steps": cfg.apgd_steps, "restarts": cfg.apgd_restarts}},
+            "rows": [{"budget_mflops": e.budget_mflops,
+                      "val_robust_accuracy": robust.accuracy(e.thresholds, e.max_exit, measure),
+                      "reference": robust.accuracy([NEVER] * k, e.max_exit, measure)} for e in table]}
 
 
 # --- summaries ----------------------------------------------------------------------------------------------
@@ -454,7 +511,11 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
 
     x_val, y_val = load_tensors(cfg.dataset, cfg.data_dir, Split.VAL, cfg.val_size, cfg.seed)
     val = evaluate(model, x_val, y_val, None, cfg.eval_batch_size, "validation")
-    table = calibrate_table(val.outputs, staged, cfg.calibration_tolerance, measure)
+    robust = None
+    if cfg.calibration_robust_tolerance is not None:
+        robust = RobustConstraint(calibration_attack_sets(model, cfg, x_val, y_val, split, limit, measure),
+                                  cfg.calibration_robust_tolerance)
+    table = calibrate_table(val.outputs, staged, cfg.calibration_tolerance, measure, robust)
     # what the server's audit of early answers should see: agreement with the last exit, at the default budget
     agreement = agreement_with_last_exit(val.outputs, table[-1], measure)
 
@@ -478,7 +539,8 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
         "slowdown_attack": {**slowdown_settings(cfg)[0], "runs": slowdown_settings(cfg)},
         "anytime": {"clean_full": clean_full.accuracy, **anytime_summary(sets, worst_sets, model.num_exits)},
         "calibration": {"confidence": measure.value, "tolerance": cfg.calibration_tolerance,
-                        "table": [r.to_dict() for r in table], "exit_agreement_val": agreement},
+                        "table": [r.to_dict() for r in table], "exit_agreement_val": agreement,
+                        "robust": robust_calibration_summary(robust, table, cfg, measure)},
         "policy": {"sets": list(worst_sets),
                    "budgets": [policy_row(entry, worst_sets, staged, measure) for entry in table]},
         "slowdown": {"budgets": [slowdown_row(entry, {"clean": sets["clean"], **sloth}, staged, measure)

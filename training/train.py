@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
 from tqdm import tqdm
 
@@ -222,11 +223,12 @@ def train_one_epoch(
     model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, objective: MultiExitLoss, attack: Attack | None,
     cfg: TrainConfig, state: TrainState, device: torch.device, progress: tqdm | None, timings: Timings,
-    checkpoint: Callable[[], None],
+    checkpoint: Callable[[], None], ema: AveragedModel | None = None,
 ) -> tuple[dict[str, float], bool]:
     """Train on `loader` (the rest of the current epoch) until it ends or cfg.iterations is reached.
 
-    `model` is the `CleanAdvPair` (or its DDP wrapper). Returns (mean loss parts, whether the epoch ended).
+    `model` is the `CleanAdvPair` (or its DDP wrapper); `ema`, when given, averages the core's weights after
+    every step. Returns (mean loss parts, whether the epoch ended).
     """
     model.train()
     totals: dict[str, float] = {}
@@ -253,6 +255,8 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update_parameters(ema_source(model))
         state.step += 1
         state.batch += 1
         state.samples += len(x)
@@ -268,6 +272,19 @@ def train_one_epoch(
         if state.step % cfg.checkpoint_every == 0:
             checkpoint()
     return {k: v / max(batches, 1) for k, v in totals.items()}, False
+
+
+def build_ema(core: MultiExitNetwork, cfg: TrainConfig) -> AveragedModel | None:
+    """The weight average of `cfg.ema_decay` (None when off): torch's AveragedModel, buffers averaged too."""
+    if cfg.ema_decay is None:
+        return None
+    return AveragedModel(core, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+
+
+def ema_source(model: nn.Module) -> MultiExitNetwork:
+    """The core network inside the training wrapper (CleanAdvPair, possibly inside DDP)."""
+    pair = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return pair.core
 
 
 def _rank() -> int:
@@ -314,12 +331,14 @@ def _gather(obj: Any) -> list[Any]:
 
 
 def _save_resume(core: MultiExitNetwork, optimizer, scheduler, cfg: TrainConfig, state: TrainState,
-                 rng: list[dict[str, Any]], timings: Timings, history: list[dict[str, Any]]) -> Path:
+                 rng: list[dict[str, Any]], timings: Timings, history: list[dict[str, Any]],
+                 ema: AveragedModel | None = None) -> Path:
+    extra = {} if ema is None else {"ema_state_dict": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
     ckpt = make_checkpoint(core, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
                            step=state.step, epoch=state.epoch, batch=state.batch, samples=state.samples,
                            seconds=state.seconds, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                            rng={"world_size": len(rng), "ranks": rng}, timing=dict(timings.sums),
-                           history=list(history))
+                           history=list(history), **extra)
     return save_checkpoint(ckpt, cfg.run_dir / "last.pt")
 
 
@@ -390,6 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                         pin_memory=device.type == "cuda")
     optimizer = build_optimizer(core, cfg)
     scheduler = build_scheduler(optimizer, cfg)
+    ema = build_ema(core, cfg)
     attack_gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, rank, STREAM_ATTACK))
     attack = build_training_attack(cfg, core, attack_gen)
     objective = build_objective(cfg, core)  # built from cfg.seed: a FIXED EOKD split is the same on every rank
@@ -413,6 +433,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             raise ConfigError(f"{last} follows a one-cycle schedule over {ckpt['scheduler'].get('total_steps')} "
                               f"iterations; resume it with iterations={ckpt['scheduler'].get('total_steps')}")
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None:
+            if "ema_state_dict" not in ckpt:
+                raise ConfigError(f"{last} was trained without ema_decay; resume it with ema_decay=null")
+            ema.load_state_dict(ckpt["ema_state_dict"])
         state = TrainState(ckpt["step"], ckpt["epoch"], ckpt["samples"], ckpt["seconds"], ckpt.get("batch", 0))
         timings.sums.update(ckpt.get("timing") or {})
         history = list(ckpt.get("history", []))
@@ -431,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     def checkpoint() -> None:
         rng = _gather(capture_rng(generators, device))  # every rank takes part
         if _is_main():
-            _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history)
+            _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history, ema)
 
     progress = tqdm(total=cfg.iterations, initial=state.step, desc=f"train {cfg.name} [{cfg.method.value}]",
                     disable=not _is_main(), dynamic_ncols=True)
@@ -440,7 +464,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         sampler.skip = state.batch * cfg.batch_size
         loader_gen.manual_seed(derive_seed(cfg.seed, rank, STREAM_LOADER, state.epoch))
         parts, finished = train_one_epoch(model, loader, optimizer, scheduler, objective, attack, cfg, state,
-                                          device, progress, timings, checkpoint)
+                                          device, progress, timings, checkpoint, ema)
         if parts:
             history.append({"epoch": state.epoch, "step": state.step, **parts})
             log.info("epoch %d step %d %s", state.epoch, state.step, {k: round(v, 4) for k, v in parts.items()})
@@ -469,8 +493,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     rng = _gather(capture_rng(generators, device))
     final = run_dir / "checkpoint.pt"
     if _is_main():
-        _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history)
-        save_checkpoint(make_checkpoint(core, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
+        _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history, ema)
+        served = core if ema is None else ema.module  # the averaged weights are the model
+        save_checkpoint(make_checkpoint(served, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
                                         train_summary={k: v for k, v in summary.items() if k != "history"}), final)
         (run_dir / "train.json").write_text(json.dumps(summary, indent=2))
         log.info("wrote %s", final)

@@ -145,7 +145,8 @@ RESUME = ["train_limit=160", "batch_size=32", "attack_steps=1", "eps_warmup_iter
     # BatchNorm: separate clean / adversarial forwards, running statistics updated by the attack too
     ["model=resnet_me", "model_args={blocks_per_stage: 1, width: 4, in_channels: 1, image_size: 28}",
      "attack_model_mode=train"],
-], ids=["neokd", "adv-onecycle", "neokd-batchnorm"])
+    ["method=neokd", "ema_decay=0.9"],  # the weight average is resumed too; the final checkpoint holds it
+], ids=["neokd", "adv-onecycle", "neokd-batchnorm", "neokd-ema"])
 def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, data_root, recipe):
     """8 steps straight == 3 steps, then --resume to 8: the resume lands mid-epoch (5 batches per epoch) and
     crosses an epoch boundary, so the data position and every random state must come back exactly."""
@@ -166,6 +167,19 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path, data_root, r
     last_b = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert (last_a["epoch"], last_a["batch"]) == (last_b["epoch"], last_b["batch"]) == (1, 3)
     assert torch.equal(last_a["rng"]["ranks"][0]["torch"], last_b["rng"]["ranks"][0]["torch"])
+
+
+def test_ema_checkpoint_holds_the_average_of_the_iterates(tmp_path, data_root):
+    """With ema_decay, checkpoint.pt holds the weight average, last.pt the last iterate and the average's state."""
+    cfg = load_config("mnist-quick", [*RESUME, "method=adv", "ema_decay=0.5", "iterations=4", "name=ema",
+                                      f"out_dir={tmp_path}", f"data_dir={data_root}"])
+    final = load_checkpoint(train(cfg))["state_dict"]
+    last = load_checkpoint(tmp_path / "ema" / "last.pt")
+    ema = {k.removeprefix("module."): v for k, v in last["ema_state_dict"].items() if k.startswith("module.")}
+    assert ema.keys() == final.keys() == last["state_dict"].keys()
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+    assert any(not torch.equal(final[k], last["state_dict"][k]) for k in final)  # not the last iterate
+    assert int(last["ema_state_dict"]["n_averaged"]) == 4
 
 
 def _train_until(cfg: TrainConfig, steps: int) -> None:

@@ -15,6 +15,7 @@ from bench import common, servers, stock, sweep
 from bench.bench_serve import (build_parser, cpu_bound_estimate, http_vs_in_process, settings_sweep, summarize,
                                violations)
 from bench.common import Call
+from export.archive import ServeConfig
 from serving.server import render_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,10 +177,11 @@ def test_build_stock_archive(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ sweep
 def test_setting_round_trips_model_config_and_renders_server_keys(tmp_path: Path) -> None:
-    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30,
+    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 30,
             "handler": {"mode": "early_exit", "intra_op_threads": 1, "top_k": 5}}
     s = sweep.Setting.from_model_config(base)
     assert s == sweep.Setting()
+    assert s.max_batch_delay == ServeConfig().max_batch_delay  # the sweep starts from what export ships
     other = sweep.Setting(workers=2, batch_size=16, max_batch_delay=2, intra_op_threads=2, netty_threads=1,
                           job_queue_size=64)
     config = other.model_config(base)
@@ -244,8 +246,8 @@ class FakeCompare:
 def test_coordinate_sweep_walks_axes_against_the_best_so_far() -> None:
     fake = FakeCompare({"workers": {2: 1.5}, "batch_size": {16: 1.03, 32: 1.2}})
     axes = {"workers": (1, 2), "batch_size": (8, 16, 32), "max_batch_delay": (0, 5)}
-    best, rows = sweep.coordinate_sweep(sweep.Setting(), axes, fake, min_gain=0.05)
-    assert best == sweep.Setting(workers=2, batch_size=32)
+    best, rows = sweep.coordinate_sweep(sweep.Setting(max_batch_delay=5), axes, fake, min_gain=0.05)
+    assert best == sweep.Setting(workers=2, batch_size=32, max_batch_delay=5)
     # the base's own value of an axis is not measured again; each candidate against the best at that point
     assert [(c.label(), r.label()) for c, r in fake.calls] == [
         ("w2-b8-d5-t1", "w1-b8-d5-t1"), ("w2-b16-d5-t1", "w2-b8-d5-t1"), ("w2-b32-d5-t1", "w2-b8-d5-t1"),
@@ -287,7 +289,7 @@ def test_coordinate_sweep_ignores_gains_below_min_gain() -> None:
 def test_settings_sweep_confirms_and_recommends() -> None:
     out = settings_sweep(FakeCompare({"workers": {2: 1.5}}), sweep.Setting(), {"workers": (1, 2)},
                          confirm_rounds=2, min_gain=0.05)
-    assert out["confirmed"] and out["best_over_base"] == 1.5 and out["chosen_label"] == "w2-b8-d5-t1"
+    assert out["confirmed"] and out["best_over_base"] == 1.5 and out["chosen_label"] == "w2-b8-d1-t1"
     assert out["recommended_defaults"] == {"export.archive.ServeConfig": {"min_workers": 2, "max_workers": 2},
                                            "serving/config.properties": {}, "unchanged": False}
     assert out["http_vs_in_process_c16"]["ratio"] == 0.25 and not out["http_vs_in_process_c16"]["meets_target"]

@@ -130,7 +130,8 @@ def test_presets_load_and_keep_their_values():
         assert load_config(preset).name == preset
     quick = load_config("mnist-quick")
     assert (quick.optimizer, quick.lr_schedule, quick.batch_size, quick.iterations, quick.attack_steps,
-            quick.step_size, quick.eps_warmup_iters) == (Optimizer.ADAM, LRSchedule.ONECYCLE, 128, 1500, 3, 0.12, 300)
+            quick.step_size, quick.eps_warmup_iters) == (Optimizer.ADAM, LRSchedule.ONECYCLE, 128, 2000, 3, 0.12, 400)
+    assert quick.calibration_robust_tolerance == 0.01 and quick.ema_decay is None
     cifar = load_config("cifar10-paper")
     assert cifar.dataset is DatasetName.CIFAR10 and cifar.model_args == {"blocks_per_stage": 6}
 

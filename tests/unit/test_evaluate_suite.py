@@ -169,3 +169,16 @@ def test_bad_strong_suite_settings_are_one_line_errors(checkpoint, capsys):
     assert main([str(checkpoint), "--limit", "4", "--set", "apgd_steps=0", "--no-calibration"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "apgd_steps must be >= 1" in err[0]
+
+
+def test_robust_calibration_attacks_validation_images_and_keeps_its_floor(checkpoint, tmp_path):
+    ev = run_evaluation(checkpoint, tmp_path / "eval", limit=8, write_calibration_file=False, split="val",
+                        overrides={"strong_eval": False, "calibration_robust_tolerance": 0.0,
+                                   "calibration_attack_limit": 40})
+    robust = ev["calibration"]["robust"]
+    assert robust["samples"] == 40 and robust["tolerance"] == 0.0
+    assert [r["budget_mflops"] for r in robust["rows"]] == ev["cost"]["staged_mflops"]
+    for row in robust["rows"]:  # tolerance 0: the chosen thresholds lose nothing on the attacked images
+        assert row["val_robust_accuracy"] >= row["reference"] - 1e-12
+    assert run_evaluation(checkpoint, tmp_path / "plain", limit=8, write_calibration_file=False, split="val",
+                          overrides={"strong_eval": False})["calibration"]["robust"] is None

@@ -10,7 +10,7 @@ from early_exit.policy import (
     BudgetEntry, BudgetError, ConfidenceMeasure, confidence, deepest_exit_within, entry_for_budget,
     select_exits, softmax,
 )
-from training.calibrate import NEVER, ExitOutputs, apply_policy, calibrate_table
+from training.calibrate import NEVER, ExitOutputs, RobustConstraint, apply_policy, calibrate_table, policy_correct
 
 COSTS = [2.0, 15.0, 20.0]
 
@@ -110,3 +110,42 @@ def test_agreement_with_last_exit_counts_only_the_answers_that_left_there():
     outputs = ExitOutputs(probs, np.array([0, 0, 1, 1]))
     entry = BudgetEntry(3.0, 2, (0.95, 0.95, NEVER), 1.0, 1.0)
     assert agreement_with_last_exit(outputs, entry) == [pytest.approx(2 / 3), None, 1.0]
+
+
+def _attacked(clean: ExitOutputs, fooled_share: float, wrong_confidence: float, seed: int = 0) -> ExitOutputs:
+    """`clean` with exit 1 made wrong at `wrong_confidence` on a share of samples (an attack on exit 1)."""
+    rng = np.random.default_rng(seed)
+    probs = clean.probs.copy()
+    n, c = probs.shape[1], probs.shape[2]
+    hit = rng.random(n) < fooled_share
+    wrong = (clean.targets + 1) % c
+    rest = (1.0 - wrong_confidence) / (c - 1)
+    probs[0, hit] = rest
+    probs[0, hit, wrong[hit]] = wrong_confidence
+    return ExitOutputs(probs, clean.targets)
+
+
+def test_robust_calibration_raises_early_thresholds_above_the_attacked_confidence():
+    val = _synthetic()
+    attacked = _attacked(val, fooled_share=0.3, wrong_confidence=0.97)
+    plain = calibrate_table(val, COSTS, tolerance=0.005)[-1]
+    robust = RobustConstraint((val, attacked), tolerance=0.01)
+    row = calibrate_table(val, COSTS, tolerance=0.005, robust=robust)[-1]
+    reference = robust.accuracy([NEVER] * 3, 2, ConfidenceMeasure.MAX_PROB)
+    # clean-only thresholds let the attacked exit 1 answer; the robust ones keep the floor, at a clean cost
+    assert robust.accuracy(plain.thresholds, 2, ConfidenceMeasure.MAX_PROB) < reference - 0.01
+    assert robust.accuracy(row.thresholds, 2, ConfidenceMeasure.MAX_PROB) >= reference - 0.01 - 1e-12
+    assert row.thresholds[0] > 0.97
+    assert row.val_accuracy >= val.correct()[:, 2].mean() - 0.005 - 1e-12
+    assert plain.val_mean_mflops <= row.val_mean_mflops <= COSTS[-1]
+
+
+def test_policy_correct_is_the_per_sample_worst_case_over_sets():
+    val = _synthetic(n=500)
+    attacked = _attacked(val, fooled_share=0.5, wrong_confidence=0.99, seed=1)
+    th = [0.9, 0.9, NEVER]
+    both = policy_correct([val, attacked], th, 2)
+    alone = [apply_policy(o, th, 2, COSTS) for o in (val, attacked)]
+    assert both.mean() <= min(r.accuracy for r in alone)
+    right = [o.correct()[np.arange(500), r.exits] for o, r in zip((val, attacked), alone)]
+    assert both.tolist() == (right[0] & right[1]).tolist()
