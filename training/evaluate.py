@@ -288,13 +288,13 @@ def calibration_attack_sets(model: MultiExitNetwork, cfg: TrainConfig, x_val: to
 
 
 def robust_calibration_summary(robust: RobustConstraint | None, table: Sequence[BudgetEntry], cfg: TrainConfig,
-                               measure: ConfidenceMeasure) -> dict[str, Any] | None:
+                               measure: ConfidenceMeasure, seconds: float = 0.0) -> dict[str, Any] | None:
     """Per budget row, the calibration attack's validation robust accuracy: of the chosen thresholds and of
     always answering at the row's deepest allowed exit (the reference the tolerance is taken from)."""
     if robust is None:
         return None
     k = len(table[-1].thresholds)
-    return {"tolerance": robust.tolerance, "samples": len(robust.sets[0].targets),
+    return {"tolerance": robust.tolerance, "samples": len(robust.sets[0].targets), "attack_seconds": round(seconds, 3),
             "attacks": {"policy (each exit alone, confident and wrong)": {
                 "eps": cfg.eval_eps, "steps": cfg.policy_attack_steps, "restarts": cfg.policy_attack_restarts},
                 "apgd-ce (each exit)": {"eps": cfg.eval_eps, "steps": cfg.apgd_steps, "restarts": cfg.apgd_restarts}},
@@ -511,10 +511,12 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
 
     x_val, y_val = load_tensors(cfg.dataset, cfg.data_dir, Split.VAL, cfg.val_size, cfg.seed)
     val = evaluate(model, x_val, y_val, None, cfg.eval_batch_size, "validation")
-    robust = None
+    robust, robust_seconds = None, 0.0
     if cfg.calibration_robust_tolerance is not None:
+        start = time.perf_counter()
         robust = RobustConstraint(calibration_attack_sets(model, cfg, x_val, y_val, split, limit, measure),
                                   cfg.calibration_robust_tolerance)
+        robust_seconds = time.perf_counter() - start
     table = calibrate_table(val.outputs, staged, cfg.calibration_tolerance, measure, robust)
     # what the server's audit of early answers should see: agreement with the last exit, at the default budget
     agreement = agreement_with_last_exit(val.outputs, table[-1], measure)
@@ -540,7 +542,7 @@ def run_evaluation(checkpoint: Path, out_dir: Path | None = None, limit: int | N
         "anytime": {"clean_full": clean_full.accuracy, **anytime_summary(sets, worst_sets, model.num_exits)},
         "calibration": {"confidence": measure.value, "tolerance": cfg.calibration_tolerance,
                         "table": [r.to_dict() for r in table], "exit_agreement_val": agreement,
-                        "robust": robust_calibration_summary(robust, table, cfg, measure)},
+                        "robust": robust_calibration_summary(robust, table, cfg, measure, robust_seconds)},
         "policy": {"sets": list(worst_sets),
                    "budgets": [policy_row(entry, worst_sets, staged, measure) for entry in table]},
         "slowdown": {"budgets": [slowdown_row(entry, {"clean": sets["clean"], **sloth}, staged, measure)
