@@ -177,7 +177,7 @@ def test_build_stock_archive(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ sweep
 def test_setting_round_trips_model_config_and_renders_server_keys(tmp_path: Path) -> None:
-    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 1, "responseTimeout": 30,
+    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30,
             "handler": {"mode": "early_exit", "intra_op_threads": 1, "top_k": 5}}
     s = sweep.Setting.from_model_config(base)
     assert s == sweep.Setting()
@@ -289,7 +289,7 @@ def test_coordinate_sweep_ignores_gains_below_min_gain() -> None:
 def test_settings_sweep_confirms_and_recommends() -> None:
     out = settings_sweep(FakeCompare({"workers": {2: 1.5}}), sweep.Setting(), {"workers": (1, 2)},
                          confirm_rounds=2, min_gain=0.05)
-    assert out["confirmed"] and out["best_over_base"] == 1.5 and out["chosen_label"] == "w2-b8-d1-t1"
+    assert out["confirmed"] and out["best_over_base"] == 1.5 and out["chosen_label"] == "w2-b8-d5-t1"
     assert out["recommended_defaults"] == {"export.archive.ServeConfig": {"min_workers": 2, "max_workers": 2},
                                            "serving/config.properties": {}, "unchanged": False}
     assert out["http_vs_in_process_c16"]["ratio"] == 0.25 and not out["http_vs_in_process_c16"]["meets_target"]

@@ -334,7 +334,7 @@ def test_archive_is_self_contained(export_of: Callable[[str], tuple[Path, Export
         assert z.read("early_exit/policy.py") == (REPO / "early_exit" / "policy.py").read_bytes()
         assert z.read("manifest.json") == (result.out_dir / "manifest.json").read_bytes()
         assert yaml.safe_load(z.read("model-config.yaml")) == {
-            "minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 1, "responseTimeout": 30,
+            "minWorkers": 1, "maxWorkers": 2, "batchSize": 4, "maxBatchDelay": 5, "responseTimeout": 30,
             "handler": HandlerOptions(top_k=2, max_payload_bytes=4096).to_config()}
         z.extractall(tmp_path / "unpacked")
     model = read_mar_manifest(mar)["model"]
