@@ -13,7 +13,8 @@ keep the policy's accuracy on attacked validation images (per sample, right unde
 within a second tolerance of always answering at the deepest allowed exit. Clean-only thresholds let an
 attacker who makes exit 1 wrong with modest confidence walk through it; this constraint raises the early
 thresholds until attacked exits rarely clear them, at the clean cost that takes. The attacked sets come
-from `training.evaluate.calibration_attack_sets` (for each exit, the policy attack aimed at it alone).
+from `training.evaluate.calibration_attack_sets` (for each exit, APGD-CE and the policy attack aimed at it
+alone).
 
 Evaluation writes the table, the cost profile and its summary to
 `calibration.json` beside the checkpoint (`write_calibration`); export reads it

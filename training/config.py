@@ -20,8 +20,10 @@ reasons next to them (docs/method.md):
   forwards when the model has BatchNorm (as RDI-Nets does: each forward's batch statistics come from one
   kind of input) and in one concatenated forward otherwise (no difference without BatchNorm, and cheaper).
 - the quick-recipe levers: `attack_steps`, `step_size`, `attack_random_start`, `eps_warmup_iters`,
-  `lr_schedule` (`multistep` | `onecycle`), `ema_decay` (weight averaging), `batch_size`, and the head dropout of `smallcnn`
-  (`model_args: {dropout: p}`, 0.5 by default as in RDI-Nets' SmallCNN).
+  `lr_schedule` (`multistep` | `onecycle`), `ema_decay` (weight averaging), `batch_size`, and the head
+  dropout of `smallcnn` (`model_args: {dropout: p}`, 0.5 by default as in RDI-Nets' SmallCNN).
+- `calibration_robust_tolerance`: thresholds fitted on clean validation images (null) or also on attacked
+  ones (training/calibrate.py, "Robust calibration").
 """
 from __future__ import annotations
 
@@ -118,13 +120,13 @@ class TrainConfig(BaseModel):
     momentum: NonNegativeFloat = 0.9  # SGD only
     weight_decay: NonNegativeFloat = 5e-4
     lr_schedule: LRSchedule = _choice(LRSchedule.MULTISTEP)
-    # exponential moving average of the weights, updated after every step (torch.optim.swa_utils); the final
-    # checkpoint holds the averaged weights. null: off (the last iterate). Weight averaging is a standard
-    # robust-training lever (Rebuffi et al. 2021, "Data augmentation can improve robustness": +~1 point)
-    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
     lr_milestones: list[PositiveInt] = Field(default_factory=lambda: [11700, 12900])  # multistep
     lr_gamma: PositiveFloat = 0.1  # multistep
     onecycle_pct_start: Annotated[float, Field(gt=0, lt=1)] = 0.3  # onecycle: share of iterations rising to lr
+    # exponential moving average of the weights, updated after every step (torch.optim.swa_utils); the final
+    # checkpoint holds the averaged weights. null: off (the last iterate). A common robust-training lever
+    # (Rebuffi et al. 2021); on mnist-quick it measured no gain (training/configs/mnist-quick.yaml)
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] | None = None
     # training attack
     attack: TrainingAttack = _choice(TrainingAttack.MAX_AVERAGE)
     eps: NonNegativeFloat = 0.3

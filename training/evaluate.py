@@ -3,9 +3,11 @@
     python -m training.evaluate runs/<name>/checkpoint.pt [--out DIR] [--limit N] [--split test|val]
                                 [--set key=value ...] [--no-calibration]
 
-Thresholds are calibrated on the validation split (clean), one row per exit's staged cost. Then the
-first `limit` images of the evaluated split (test by default; `--split val` attacks validation images,
-so recipe choices never look at test) are attacked, every attack building one adversarial set:
+Thresholds are calibrated on the validation split, one row per exit's staged cost (clean images; with
+`calibration_robust_tolerance` also the last `calibration_attack_limit` validation images attacked, see
+`calibration_attack_sets`). Then the first `limit` images of the evaluated split (test by default;
+`--split val` attacks validation images, so recipe choices never look at test) are attacked, every attack
+building one adversarial set:
 
 - the papers' protocol, kept for comparability: PGD-`eval_steps` on each exit, the average attack and
   the max-average attack (docs/method.md, "Attacks");
