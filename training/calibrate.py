@@ -82,15 +82,19 @@ def apply_policy(
     return PolicyResult(exits, float(correct.mean()), float(costs.mean()))
 
 
+def judge_sets(sets: Sequence[ExitOutputs], thresholds: Sequence[float], max_exit: int,
+               measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> tuple[np.ndarray, np.ndarray]:
+    """The policy (`thresholds`, cap `max_exit`) on each of `sets` (the same N samples, each attacked
+    differently): S x N exits it answers at (0-based) and S x N whether those answers are right."""
+    exits = np.stack([select_exits(o.confidences(measure), thresholds, max_exit) for o in sets])
+    rows = np.arange(exits.shape[1])
+    return exits, np.stack([o.correct()[rows, e] for o, e in zip(sets, exits)])
+
+
 def policy_correct(sets: Sequence[ExitOutputs], thresholds: Sequence[float], max_exit: int,
                    measure: ConfidenceMeasure = ConfidenceMeasure.MAX_PROB) -> np.ndarray:
-    """N booleans: the policy (`thresholds`, cap `max_exit`) answers sample n correctly on every one of `sets`
-    (the same N samples, each set attacked differently): the per-sample worst case over the sets."""
-    ok = np.ones(len(sets[0].targets), dtype=bool)
-    for outputs in sets:
-        exits = select_exits(outputs.confidences(measure), thresholds, max_exit)
-        ok &= outputs.correct()[np.arange(len(exits)), exits]
-    return ok
+    """N booleans: the policy answers sample n correctly on every one of `sets` (the per-sample worst case)."""
+    return judge_sets(sets, thresholds, max_exit, measure)[1].all(axis=0)
 
 
 @dataclass(frozen=True)

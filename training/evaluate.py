@@ -55,6 +55,7 @@ from training.calibrate import (
     agreement_with_last_exit,
     calibrate_table,
     calibration_path,
+    judge_sets,
     sweep,
     write_calibration,
 )
@@ -340,19 +341,16 @@ def policy_row(entry: BudgetEntry, sets: dict[str, EvalResult], staged: Sequence
     Per sample the attacker sends the set that makes the policy answer wrongly, else the one that costs
     most; the worst case's accuracy and mean staged cost are those of the sets so picked.
     """
-    n, k = len(next(iter(sets.values())).outputs.targets), len(staged)
-    results = {name: apply_policy(s.outputs, entry.thresholds, entry.max_exit, staged, measure)
-               for name, s in sets.items()}
-    exits = np.stack([r.exits for r in results.values()])
-    correct = np.stack([s.outputs.correct()[np.arange(n), r.exits] for s, r in zip(sets.values(), results.values())])
+    names, k = list(sets), len(staged)
+    exits, correct = judge_sets([s.outputs for s in sets.values()], entry.thresholds, entry.max_exit, measure)
+    n = exits.shape[1]
     cost = np.asarray(staged)[exits]
     pick = np.argmax(np.where(correct, 0.0, cost.max() + 1.0) + cost, axis=0)
-    clean = results["clean"]
-    by_set = {name: {"accuracy": r.accuracy, "mean_mflops": r.mean_mflops} for name, r in results.items()}
+    by_set = {name: {"accuracy": float(correct[i].mean()), "mean_mflops": float(cost[i].mean())}
+              for i, name in enumerate(names)}
     return {
         "budget_mflops": entry.budget_mflops, "max_exit": entry.max_exit + 1,
-        "clean": {"accuracy": clean.accuracy, "mean_mflops": clean.mean_mflops,
-                  "exit_distribution": _histogram(clean.exits, k)},
+        "clean": {**by_set["clean"], "exit_distribution": _histogram(exits[names.index("clean")], k)},
         "robust_accuracy": float(correct.all(axis=0).mean()),
         "robust_mean_mflops": float(cost[pick, np.arange(n)].mean()),
         "robust_exit_distribution": _histogram(exits[pick, np.arange(n)], k),
