@@ -434,7 +434,8 @@ def _load_image(payload: bytes, spec: InputSpec) -> tuple[Image.Image, str | Non
             side = max(spec.shape[1:])
             opened.draft(opened.mode, (side, side))  # JPEG: decode at a reduced scale when it is much larger
             opened.load()
-            return ImageOps.exif_transpose(opened), rawmode  # a copy, upright as a viewer shows it
+            ImageOps.exif_transpose(opened, in_place=True)  # upright as a viewer shows it
+            return opened, rawmode
     except Image.DecompressionBombError:  # beyond Pillow's own pixel limit, before ours could look
         raise RequestRejected(RejectReason.PAYLOAD_TOO_LARGE, "image is too large to decode (decompression-bomb "
                               f"limit); the limit is {spec.max_image_pixels} pixels",
@@ -480,9 +481,9 @@ def image_to_array(image: Image.Image, spec: InputSpec, rawmode: str | None = No
     _require_image_channels(spec)
     if image.width == 0 or image.height == 0:
         raise RequestRejected(RejectReason.UNDECODABLE_IMAGE, "image has no pixels")
-    if image.mode in _EIGHT_BIT_BASE:
-        planes = _eight_bit_planes(image, rawmode, spec)
-    elif image.mode in _HIGH_DEPTH:
+    if image.mode in _EIGHT_BIT_BASE:  # k/255 composited on a background in [0, 1]: in range by construction
+        return np.ascontiguousarray(_eight_bit_planes(image, rawmode, spec), dtype=np.float32)
+    if image.mode in _HIGH_DEPTH:
         planes = _high_depth_planes(image, rawmode, spec)
     else:
         raise RequestRejected(RejectReason.UNSUPPORTED_IMAGE_MODE,
@@ -495,7 +496,8 @@ def _eight_bit_planes(image: Image.Image, rawmode: str | None, spec: InputSpec) 
     """8-bit modes through Pillow (expand, add the key-colour alpha, luma, resize) -> C x H x W float32."""
     channels, height, width = spec.shape
     opacity = _opacity_mask(image, rawmode)
-    base = image.convert(_EIGHT_BIT_BASE[image.mode])
+    base_mode = _EIGHT_BIT_BASE[image.mode]
+    base = image if image.mode == base_mode else image.convert(base_mode)
     if opacity is not None:  # a tRNS key colour: make it an alpha band
         base = Image.merge(base.mode + "A", (*base.split(), Image.fromarray(opacity)))
     has_alpha = base.mode.endswith("A")

@@ -31,6 +31,7 @@ Response 4xx/500 (application/json), for that request only; the rest of its batc
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -66,7 +67,6 @@ class EarlyExitHandler(BaseHandler):
         self.metrics: Metrics | None = None
         self.auditor: Auditor | None = None
         self.full_mflops = 0.0
-        self._batch_ids = ""
 
     # ------------------------------------------------------------------ load
     def initialize(self, context: Any) -> None:
@@ -83,7 +83,7 @@ class EarlyExitHandler(BaseHandler):
         if len(manifest.input_shape) != 3:
             raise ManifestError(f"input_shape must be C, H, W, got {manifest.input_shape}")
         self.model_manifest = manifest
-        self.metrics = Metrics(context.metrics, context.model_name)
+        self.metrics = Metrics(context.metrics, context.model_name, self.options.metrics_flush_seconds)
         gpu_id = context.system_properties.get("gpu_id")
         threads = self.options.intra_op_threads
         if self.options.mode is ServingMode.FULL_GRAPH_ONLY:  # the serving mode is decided here, once
@@ -124,9 +124,9 @@ class EarlyExitHandler(BaseHandler):
 
     def _on_stage(self, stage: str, rows: int, elapsed_ms: float) -> None:
         if self.metrics is not None and self.initialized:  # warm-up runs are not traffic
-            self.metrics.emit(MetricName.STAGE_TIME, elapsed_ms, stage, request_id=self._batch_ids)
-            self.metrics.emit(MetricName.STAGE_RUNS, 1, stage, request_id=self._batch_ids)
-            self.metrics.emit(MetricName.STAGE_ROWS, rows, stage, request_id=self._batch_ids)
+            self.metrics.count(MetricName.STAGE_TIME, elapsed_ms, stage)
+            self.metrics.count(MetricName.STAGE_RUNS, 1, stage)
+            self.metrics.count(MetricName.STAGE_ROWS, rows, stage)
 
     # --------------------------------------------------------------- request
     def _headers(self, idx: int) -> dict[str, str]:
@@ -173,8 +173,9 @@ class EarlyExitHandler(BaseHandler):
 
     @timed
     def postprocess(self, inference_output: tuple[list[Prepared | RequestRejected], RunResult | None]
-                    ) -> list[dict[str, Any]]:
-        """JSON bodies, per-request status and headers, the batch's metrics, and its audit jobs (queued last)."""
+                    ) -> list[str]:
+        """JSON bodies (encoded, see `encode_json`), per-request status and headers, the batch's metrics, and its
+        audit jobs (queued last)."""
         prepared, result = inference_output
         responses: list[dict[str, Any]] = []
         exits: dict[int, int] = {}
@@ -186,9 +187,8 @@ class EarlyExitHandler(BaseHandler):
             if isinstance(item, RequestRejected):
                 status = item.reason.status
                 self.context.set_response_status(status, HTTP_PHRASES[status], idx)
-                self.metrics.emit(MetricName.REQUESTS_REJECTED, 1, item.reason.value,
-                                  request_id=self.context.get_request_id(idx))
-                responses.append(item.body())
+                self.metrics.count(MetricName.REQUESTS_REJECTED, 1, item.reason.value)
+                responses.append(encode_json(item.body()))
                 continue
             body = self._answer_body(item, result, row)
             request_ids.append(self.context.get_request_id(idx))
@@ -197,7 +197,7 @@ class EarlyExitHandler(BaseHandler):
             spent += body["mflops_spent"]
             full += self.full_mflops
             if item.budget.clipped:
-                self.metrics.emit(MetricName.BUDGET_CLIPPED, 1, request_id=self.context.get_request_id(idx))
+                self.metrics.count(MetricName.BUDGET_CLIPPED, 1)
             self.context.set_response_header(idx, "X-Exit-Index", str(body["exit_index"]))
             self.context.set_response_header(idx, "X-Compute-Spent", f"{body['mflops_spent']:.6g}")
             self.context.set_response_header(idx, "X-Compute-Budget-Applied", f"{body['budget_mflops']:.6g}")
@@ -205,12 +205,12 @@ class EarlyExitHandler(BaseHandler):
                 body = {"model_name": self.context.model_name, "id": item.request.request_id or
                         self.context.get_request_id(idx), **v2_outputs(item.request.input_name or "input",
                                                                        result.probs[row - 1]), "parameters": body}
-            responses.append(body)
+            responses.append(encode_json(body))
         for exit_index, count in sorted(exits.items()):
-            self.metrics.emit(MetricName.EARLY_EXIT_COUNT, count, str(exit_index), request_id=self._batch_ids)
+            self.metrics.count(MetricName.EARLY_EXIT_COUNT, count, str(exit_index))
         if exits:
-            self.metrics.emit(MetricName.COMPUTE_SPENT, spent, request_id=self._batch_ids)
-            self.metrics.emit(MetricName.COMPUTE_FULL, full, request_id=self._batch_ids)
+            self.metrics.count(MetricName.COMPUTE_SPENT, spent)
+            self.metrics.count(MetricName.COMPUTE_FULL, full)
         if self.auditor is not None and result is not None and result.audit:
             self.auditor.submit([AuditJob(exit, features, int(result.probs[r].argmax()), request_ids[r])
                                  for r, exit, features in result.audit])
@@ -249,15 +249,17 @@ class EarlyExitHandler(BaseHandler):
         """Likewise for `describe`: BaseHandler answers it with one item for the batch, failing all its requests."""
         return False
 
-    def handle(self, data: list[Any], context: Any) -> list[dict[str, Any]]:
+    def handle(self, data: list[Any], context: Any) -> list[str]:
         """BaseHandler.handle (preprocess -> inference -> postprocess), plus one latency observation per request."""
         started = time.perf_counter()
-        ids = getattr(context, "request_ids", None) or {}
-        self._batch_ids = ",".join(str(v) for v in ids.values())
         output = super().handle(data, context)
         elapsed = time.perf_counter() - started
         for idx in range(len(output)):
-            request_id = context.get_request_id(idx)
-            self.metrics.emit(MetricName.REQUEST_LATENCY, elapsed, request_id=request_id)
-            self.metrics.emit(MetricName.REQUEST_LATENCY_MS, elapsed * 1000.0, request_id=request_id)
+            self.metrics.emit(MetricName.REQUEST_LATENCY, elapsed, request_id=context.get_request_id(idx))
         return output
+
+
+def encode_json(body: dict[str, Any]) -> str:
+    """A response body as compact JSON text. Handed a dict, TorchServe's worker encodes it with
+    json.dumps(indent=2), which runs Python's pure-Python encoder: 21 us per MNIST answer against 7 us here."""
+    return json.dumps(body, separators=(",", ":"))

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from early_exit.manifest import ManifestError
 from early_exit.policy import entry_for_budget
 from early_exit.runner import FullGraphRunner
 from serving.handler import EarlyExitHandler
-from serving.metrics import METRICS
+from serving.metrics import METRICS, MetricName
 from serving.rejections import RejectReason
 from tests.toy_model import (
     CLASSES,
@@ -52,10 +53,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_context(model_dir: Path, options: dict[str, Any] | None = None, gpu: int | None = None) -> Context:
-    """TorchServe's Context for the toy model. The audit is off unless `options` turn it on: its background
-    thread emits metric lines at any time, which would race with the tests that read the emitted lines
-    (tests/unit/test_audit.py covers it)."""
-    options = {"audit_rate": 0.0, **(options or {})}
+    """TorchServe's Context for the toy model. The audit and the counters' flush thread are off unless `options`
+    turn them on: a background thread writes metric lines at any time, which would race with the tests that read
+    the emitted lines (tests/unit/test_audit.py and test_counters_are_summed_and_flushed cover them)."""
+    options = {"audit_rate": 0.0, "metrics_flush_seconds": 0.0, **(options or {})}
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
     cache.model_name = MODEL
@@ -84,11 +85,8 @@ def run_batch(handler: EarlyExitHandler, ctx: Context, requests: list[tuple[Any,
     ctx.metrics.request_ids = ids
     out = handler.handle(inputs, ctx)
     assert len(out) == len(requests)
-    results = []
-    for i, body in enumerate(out):
-        json.dumps(body)  # TorchServe serializes with json.dumps: numpy scalars would fail the whole batch
-        results.append((ctx.get_response_status(i)[0], ctx.get_response_headers(i), body))
-    return results
+    assert all(isinstance(text, str) for text in out)  # encoded by the handler, sent as they are by TorchServe
+    return [(ctx.get_response_status(i)[0], ctx.get_response_headers(i), json.loads(text)) for i, text in enumerate(out)]
 
 
 def as_json(x: np.ndarray) -> bytes:
@@ -318,7 +316,42 @@ def test_metrics_are_emitted_with_our_dimensions_first(served, caplog: pytest.Lo
                                                                   "3": float((exits >= 2).sum())}
     latency = counts["RequestLatencySeconds"]
     assert len(latency) == len(x) + 2 and all(k == "HISTOGRAM" and 0 < v < 5 for v, _, k in latency)
-    assert [v for v, _, _ in counts["RequestLatencyMs"]] == pytest.approx([v * 1000 for v, _, _ in latency])
+
+
+def test_counters_are_summed_and_flushed(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With a flush interval, counters are summed across batches and written by the flush thread (one line per
+    series), while latency observations are written at once, one per request."""
+    handler = EarlyExitHandler()
+    handler.initialize(make_context(model_dir, {"metrics_flush_seconds": 0.2}))
+    try:
+        x = rows(PIXELS)
+        caplog.set_level(logging.INFO)
+        handler.metrics.flush()  # the series started at 0 on load
+        caplog.clear()
+        ctx = handler.context
+        for _ in range(3):
+            run_batch(handler, ctx, [(as_json(r), {}) for r in x] + [(b"", {})])
+        written = _metric_lines(caplog)
+        assert sum(1 for name, *_ in written if name == "RequestLatencySeconds") == 3 * (len(x) + 1)
+        deadline = time.monotonic() + 10  # the flush thread writes them, no request needed
+        while time.monotonic() < deadline and not any(n == "ComputeSpentMFLOPs" for n, *_ in _metric_lines(caplog)):
+            time.sleep(0.05)
+        assert any(n == "ComputeSpentMFLOPs" for n, *_ in _metric_lines(caplog))
+    finally:
+        handler.metrics.close()  # writes whatever the thread had not written yet
+    lines = [line for line in _metric_lines(caplog) if line[3] == "COUNTER"]
+    exits, _ = reference(x, 4.0)
+    totals: dict[tuple[str, str], float] = {}
+    for name, value, dims, _ in lines:
+        key = (name, next(iter(dims.values())) if len(dims) > 2 else "")
+        totals[key] = totals.get(key, 0.0) + float(value)
+    assert totals[("ComputeSpentMFLOPs", "")] == pytest.approx(3 * sum(COSTS[e] for e in exits))
+    assert totals[("RequestsRejected", "empty_body")] == 3
+    assert {k: v for k, v in totals.items() if k[0] == "EarlyExitCount"} == {
+        ("EarlyExitCount", str(e + 1)): 3.0 * (exits == e).sum() for e in set(exits.tolist())}
+    assert totals[("StageRuns", "1")] == 3
+    # summed: a few lines per series, not one per batch and stage
+    assert sum(1 for name, *_ in lines if name == "StageRuns") < 3 * 3
 
 
 def test_every_counter_series_starts_at_zero_on_load(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -368,6 +401,15 @@ def test_tampered_graph_refuses_to_load(model_dir: Path, tmp_path: Path) -> None
 def test_unknown_handler_option_refuses_to_load(model_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_payload_byte"):
         EarlyExitHandler().initialize(make_context(model_dir, {"max_payload_byte": 10}))
+
+
+def test_a_negative_flush_interval_refuses_to_load_and_only_counters_are_summed(model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="metrics_flush_seconds"):
+        EarlyExitHandler().initialize(make_context(model_dir, {"metrics_flush_seconds": -1}))
+    handler = EarlyExitHandler()
+    handler.initialize(make_context(model_dir))
+    with pytest.raises(ValueError, match="not a counter"):
+        handler.metrics.count(MetricName.REQUEST_LATENCY, 0.1)
 
 
 def test_full_graph_only_mode(model_dir: Path) -> None:
