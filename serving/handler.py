@@ -254,8 +254,8 @@ class EarlyExitHandler(BaseHandler):
         started = time.perf_counter()
         output = super().handle(data, context)
         elapsed = time.perf_counter() - started
-        for idx in range(len(output)):
-            self.metrics.emit(MetricName.REQUEST_LATENCY, elapsed, request_id=context.get_request_id(idx))
+        for _ in output:
+            self.metrics.observe(MetricName.REQUEST_LATENCY, elapsed)
         return output
 
 

@@ -49,8 +49,9 @@ class HandlerOptions(BaseModel):
     audit_rate: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.01
     audit_queue_size: PositiveInt = 256
     audit_seed: Annotated[int, Field(strict=True)] | None = None  # None: a fresh random sample per worker
-    # Counters (exits, compute, stage times, rejections) are summed in the worker and written every this many
-    # seconds (serving/metrics.py), far below Prometheus' scrape interval; 0 writes them after every batch.
+    # Counters (exits, compute, stage times, rejections) are summed in the worker, and latency observations kept,
+    # and written every this many seconds (serving/metrics.py), far below Prometheus' scrape interval, off the
+    # request path; 0 writes them with every batch.
     metrics_flush_seconds: Annotated[float, Field(ge=0.0, le=60.0, allow_inf_nan=False)] = 1.0
     profile: bool = Field(default=False, strict=True)  # read by TorchServe's @timed: ts_handler_* metrics
 

@@ -227,7 +227,8 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
         sum(a.body["mflops_spent"] for a in answers), rel=1e-6)
     for reason in ("invalid_budget", "empty_body", "wrong_shape"):
         assert delta("RequestsRejected", Reason=reason, ModelName=model, Level="Model") == 1
-    assert delta("RequestLatencySeconds_count", ModelName=model) == n + 3
+    wait_for(lambda: delta("RequestLatencySeconds_count", ModelName=model) == n + 3, timeout=10, interval=0.2,
+             what="one latency observation per request")  # written after the counters
 
     # Label names and order as exposed: own dimension first, then ModelName, Level, Hostname.
     assert set(_labels(live.samples("EarlyExitCount"))) == {("ExitIndex", "ModelName", "Level", "Hostname")}

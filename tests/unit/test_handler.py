@@ -53,9 +53,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_context(model_dir: Path, options: dict[str, Any] | None = None, gpu: int | None = None) -> Context:
-    """TorchServe's Context for the toy model. The audit and the counters' flush thread are off unless `options`
+    """TorchServe's Context for the toy model. The audit and the metrics' flush thread are off unless `options`
     turn them on: a background thread writes metric lines at any time, which would race with the tests that read
-    the emitted lines (tests/unit/test_audit.py and test_counters_are_summed_and_flushed cover them)."""
+    the emitted lines (test_audit.py and test_counters_and_latencies_are_written_by_the_flush_thread cover them)."""
     options = {"audit_rate": 0.0, "metrics_flush_seconds": 0.0, **(options or {})}
     cache = MetricsCacheYamlImpl(config_file_path=str(METRICS_YAML))
     cache.initialize_cache()
@@ -86,7 +86,8 @@ def run_batch(handler: EarlyExitHandler, ctx: Context, requests: list[tuple[Any,
     out = handler.handle(inputs, ctx)
     assert len(out) == len(requests)
     assert all(isinstance(text, str) for text in out)  # encoded by the handler, sent as they are by TorchServe
-    return [(ctx.get_response_status(i)[0], ctx.get_response_headers(i), json.loads(text)) for i, text in enumerate(out)]
+    return [(ctx.get_response_status(i)[0], ctx.get_response_headers(i), json.loads(text))
+            for i, text in enumerate(out)]
 
 
 def as_json(x: np.ndarray) -> bytes:
@@ -318,9 +319,10 @@ def test_metrics_are_emitted_with_our_dimensions_first(served, caplog: pytest.Lo
     assert len(latency) == len(x) + 2 and all(k == "HISTOGRAM" and 0 < v < 5 for v, _, k in latency)
 
 
-def test_counters_are_summed_and_flushed(model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_counters_and_latencies_are_written_by_the_flush_thread(model_dir: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
     """With a flush interval, counters are summed across batches and written by the flush thread (one line per
-    series), while latency observations are written at once, one per request."""
+    series), and so are the latency observations (one line per request), none on the request path."""
     handler = EarlyExitHandler()
     handler.initialize(make_context(model_dir, {"metrics_flush_seconds": 0.2}))
     try:
@@ -331,15 +333,16 @@ def test_counters_are_summed_and_flushed(model_dir: Path, caplog: pytest.LogCapt
         ctx = handler.context
         for _ in range(3):
             run_batch(handler, ctx, [(as_json(r), {}) for r in x] + [(b"", {})])
-        written = _metric_lines(caplog)
-        assert sum(1 for name, *_ in written if name == "RequestLatencySeconds") == 3 * (len(x) + 1)
         deadline = time.monotonic() + 10  # the flush thread writes them, no request needed
         while time.monotonic() < deadline and not any(n == "ComputeSpentMFLOPs" for n, *_ in _metric_lines(caplog)):
             time.sleep(0.05)
         assert any(n == "ComputeSpentMFLOPs" for n, *_ in _metric_lines(caplog))
     finally:
         handler.metrics.close()  # writes whatever the thread had not written yet
-    lines = [line for line in _metric_lines(caplog) if line[3] == "COUNTER"]
+    written = _metric_lines(caplog)
+    latency = [v for name, v, _, kind in written if name == "RequestLatencySeconds" and kind == "HISTOGRAM"]
+    assert len(latency) == 3 * (len(x) + 1) and all(0 < float(v) < 5 for v in latency)  # one line per request
+    lines = [line for line in written if line[3] == "COUNTER"]
     exits, _ = reference(x, 4.0)
     totals: dict[tuple[str, str], float] = {}
     for name, value, dims, _ in lines:
@@ -410,6 +413,8 @@ def test_a_negative_flush_interval_refuses_to_load_and_only_counters_are_summed(
     handler.initialize(make_context(model_dir))
     with pytest.raises(ValueError, match="not a counter"):
         handler.metrics.count(MetricName.REQUEST_LATENCY, 0.1)
+    with pytest.raises(ValueError, match="not a histogram"):
+        handler.metrics.observe(MetricName.EARLY_EXIT_COUNT, 1)
 
 
 def test_full_graph_only_mode(model_dir: Path) -> None:
