@@ -55,9 +55,10 @@ class ServeConfig(BaseModel):
     min_workers: Count = 1
     max_workers: Count = 1
     batch_size: Count = 8
-    # ms. 1 ms cuts the concurrency-1 p50 from ~7 to ~2.8 ms on a 2-core CPU, but against stock TorchServe
-    # under the same setting it measured 0.84x at concurrency 1 and 1.06x at 16 (the handler's per-request
-    # work shows once the wait is gone), against 0.99x and 1.24x at 5 ms: bench/results/serve-mnist-delay1.json
+    # ms. 1 ms cuts the concurrency-1 p50 from 6.2 to 2.1 ms on a 2-core CPU, but against stock TorchServe
+    # under the same setting it measured 0.95x at concurrency 1 (per round 0.87 to 1.09) and 1.21x at 16,
+    # against 0.995x and 1.27x at 5 ms (bench/results/serve-mnist-delay1.json, serve-mnist.json). A
+    # latency-bound deployment should set 1 (`python -m export ... --max-batch-delay 1`).
     max_batch_delay: Annotated[int, Field(strict=True, ge=0)] = 5
     response_timeout: Count = 30  # s
     handler: HandlerOptions = HandlerOptions()
