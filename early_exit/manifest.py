@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,23 @@ MANIFEST_NAME = "manifest.json"
 
 class ManifestError(ValueError):
     """The manifest is malformed, or a file it lists is missing or tampered with."""
+
+
+def write_json_atomic(data: Any, path: str | Path) -> Path:
+    """`data` as indented JSON at `path`, written to a temporary file and renamed, so a reader never sees half a
+    file; the temporary file is removed if writing fails. Creates the parent folder. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -238,9 +257,7 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
 
 
 def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
-    path = Path(folder) / MANIFEST_NAME
-    path.write_text(json.dumps(manifest.to_dict(), indent=2, sort_keys=False) + "\n")
-    return path
+    return write_json_atomic(manifest.to_dict(), Path(folder) / MANIFEST_NAME)
 
 
 def load_manifest(folder: str | Path) -> Manifest:

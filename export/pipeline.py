@@ -34,6 +34,7 @@ from early_exit.manifest import (
     manifest_from_dict,
     sha256_file,
     verify_files,
+    write_json_atomic,
     write_manifest,
 )
 from early_exit.runner import FullGraphRunner, StagedRunner
@@ -182,21 +183,6 @@ def build_manifest(
         raise CheckpointError(f"checkpoint and calibration do not make a valid manifest: {exc}") from exc
 
 
-def _write_json(data: dict[str, Any], path: Path) -> Path:
-    """Atomic, so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move the finished folder into place; an old one (--force) is removed only after the move."""
     trash = None
@@ -303,13 +289,13 @@ def export_checkpoint(
             "robustness": robustness,
             "passed": bool(parity["passed"] and robustness["passed"]),
         }
-        written = _write_json(report, Path(parity_json)) if parity_json is not None else None
+        written = write_json_atomic(report, Path(parity_json)) if parity_json is not None else None
         failures = parity["failures"] + robustness["failures"]
         if failures:
             more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
             where = f"; see {written}" if written else ""
             raise ExportCheckError(f"export check failed: {failures[0]}{more}{where}")
-        _write_json(report, staging / REPORT_NAME)
+        write_json_atomic(report, staging / REPORT_NAME)
         extra["parity_max_abs_diff"] = max(e["max_abs_diff_logits"] for e in parity["stages"] + parity["chain"])
         manifest = build_manifest(ckpt, calibration, cost, specs, name, str(version), opset, sha256, extra)
         write_manifest(manifest, staging)

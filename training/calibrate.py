@@ -26,8 +26,6 @@ server uses, so offline figures and HTTP answers agree by construction.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from early_exit.costs import CostProfile
-from early_exit.manifest import sha256_file
+from early_exit.manifest import sha256_file, write_json_atomic
 from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, select_exits, softmax
 
 CALIBRATION_NAME = "calibration.json"
@@ -238,13 +236,7 @@ def calibration_path(checkpoint: str | Path) -> Path:
 
 def write_calibration(calibration: Calibration, path: str | Path) -> Path:
     """Atomic JSON write (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(calibration.to_dict(), f, indent=2)
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(calibration.to_dict(), path)
 
 
 def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> Calibration:
