@@ -13,7 +13,7 @@ import platform
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
@@ -296,13 +296,13 @@ def export_checkpoint(
             where = f"; see {written}" if written else ""
             raise ExportCheckError(f"export check failed: {failures[0]}{more}{where}")
         write_json_atomic(report, staging / REPORT_NAME)
-        extra["parity_max_abs_diff"] = max(e["max_abs_diff_logits"] for e in parity["stages"] + parity["chain"])
-        manifest = build_manifest(ckpt, calibration, cost, specs, name, str(version), opset, sha256, extra)
+        max_diff = float(max(e["max_abs_diff_logits"] for e in parity["stages"] + parity["chain"]))
+        manifest = replace(manifest, extra={**manifest.extra, "parity_max_abs_diff": max_diff})
         write_manifest(manifest, staging)
         verify_files(load_manifest(staging), staging)
         _replace_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log.info("exported %s %s to %s (max |diff| %.2g)", name, version, out_dir, extra["parity_max_abs_diff"])
+    log.info("exported %s %s to %s (max |diff| %.2g)", name, version, out_dir, max_diff)
     return ExportResult(out_dir=out_dir, manifest=load_manifest(out_dir), report=report, parity_json=written)
