@@ -9,7 +9,8 @@ metrics protocol), so lines cost CPU on both sides of the request path. Counters
 in the worker and written once per `flush_interval_s` by a background thread (`Metrics.count`), the way
 StatsD clients aggregate; histogram observations (`Metrics.observe`) are kept and written by the same
 thread, one line each, off the request path; gauges are written at once (`Metrics.emit`). Measured on
-the MNIST archive (batches of 8): 24 lines per batch were written on the request path before, none now.
+the MNIST archive (batches of 8): the handler wrote 24 lines per batch on the request path before, none
+now (TorchServe still writes its own HandlerTime and PredictionTime there).
 """
 from __future__ import annotations
 
@@ -79,14 +80,15 @@ SPECS: dict[MetricName, MetricSpec] = {spec.name: spec for spec in METRICS}
 
 
 class Metrics:
-    """The registered metrics of one model, and the ways to emit them (at once, or summed for counters)."""
+    """The registered metrics of one model, and the ways to emit them: at once (`emit`), or kept for the flush
+    thread (`count` sums counters, `observe` keeps histogram observations)."""
 
     def __init__(self, cache: Any, model_name: str, flush_interval_s: float = 0.0) -> None:
         """Register every spec with TorchServe's metric cache (`context.metrics`); raises ValueError on a yaml mismatch.
 
-        flush_interval_s: seconds between writes of the summed counters (`count`); 0 writes each count at once.
-        With an interval, a daemon thread flushes, and so does interpreter exit; counts of a worker killed
-        outright (SIGKILL) in its last interval are lost.
+        flush_interval_s: seconds between writes of the summed counters (`count`) and kept observations
+        (`observe`); 0 writes each at once. With an interval, a daemon thread flushes, and so does interpreter
+        exit; what a worker killed outright (SIGKILL) kept in its last interval is lost.
         """
         if flush_interval_s < 0:
             raise ValueError(f"flush_interval_s must be >= 0, got {flush_interval_s}")

@@ -212,9 +212,10 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
         return after[key] - before.get(name, {}).get(key, 0.0)
 
     exits, _ = tiny.offline()
-    # Counters are summed in the worker and written every metrics_flush_seconds: wait for the last of them.
-    wait_for(lambda: delta("RequestsRejected", Reason="wrong_shape", ModelName=model, Level="Model") == 1,
-             timeout=10, interval=0.2, what="the summed counters to be written")
+    # Counters and latency observations are written every metrics_flush_seconds, observations after the counters
+    # they follow: once the last request's observation is on the scrape, every counter is.
+    wait_for(lambda: delta("RequestLatencySeconds_count", ModelName=model) == n + 3, timeout=10, interval=0.2,
+             what="one latency observation per request")
     expected_exits = np.bincount(exits[:n], minlength=tiny.manifest.num_exits)
     for k, count in enumerate(expected_exits, start=1):
         if count:
@@ -227,8 +228,6 @@ def test_metrics_and_their_labels_on_the_real_scrape(torchserve_server) -> None:
         sum(a.body["mflops_spent"] for a in answers), rel=1e-6)
     for reason in ("invalid_budget", "empty_body", "wrong_shape"):
         assert delta("RequestsRejected", Reason=reason, ModelName=model, Level="Model") == 1
-    wait_for(lambda: delta("RequestLatencySeconds_count", ModelName=model) == n + 3, timeout=10, interval=0.2,
-             what="one latency observation per request")  # written after the counters
 
     # Label names and order as exposed: own dimension first, then ModelName, Level, Hostname.
     assert set(_labels(live.samples("EarlyExitCount"))) == {("ExitIndex", "ModelName", "Level", "Hostname")}
