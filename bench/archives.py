@@ -34,10 +34,10 @@ def calibrated_archive(model: Any, dataset: dict[str, Any], calib_x: Any, calib_
     `thresholds`) + export + .mar under `root`. `serve_values`: ServeConfig.from_values keyword arguments."""
     import torch
 
+    from early_exit.manifest import sha256_file
     from early_exit.policy import BudgetEntry, ConfidenceMeasure
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
-    from early_exit.manifest import sha256_file
     from training.calibrate import (Calibration, ExitOutputs, apply_policy, calibrate_table, calibration_path,
                                     write_calibration)
     from training.checkpoint import make_checkpoint, save_checkpoint

@@ -43,14 +43,14 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from early_exit.manifest import sha256_file
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
 from training.attacks import build_attack, keep_strongest
-from early_exit.manifest import sha256_file
 from training.calibrate import (
     NEVER,
     Calibration,
-    RobustConstraint,
     ExitOutputs,
+    RobustConstraint,
     apply_policy,
     agreement_with_last_exit,
     calibrate_table,
@@ -127,6 +127,17 @@ def policy_set_name(entry: BudgetEntry, k: int) -> str:
 
 def deepsloth_name(eps: float, eval_eps: float) -> str:
     return DEEPSLOTH if eps == eval_eps else f"{DEEPSLOTH}@{eps:.4g}"
+
+
+def apgd_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """APGD's arguments in every evaluation run (the strong suite and the calibration attack), exit aside."""
+    return dict(eps=cfg.eval_eps, step_size=cfg.eval_step_size, steps=cfg.apgd_steps, restarts=cfg.apgd_restarts)
+
+
+def policy_attack_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The policy attack's arguments in every evaluation run, its target (exit, thresholds, cap) aside."""
+    return dict(eps=cfg.eval_eps, step_size=cfg.eval_step_size, steps=cfg.policy_attack_steps,
+                kappa=cfg.policy_attack_kappa, restarts=cfg.policy_attack_restarts)
 
 
 def slowdown_settings(cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -223,8 +234,7 @@ class AttackSuite:
     def apgd(self) -> None:
         """APGD-CE on every exit; then APGD-T on every exit, on the images still right there under every set."""
         cfg = self.cfg
-        common = dict(eps=cfg.eval_eps, step_size=cfg.eval_step_size, steps=cfg.apgd_steps,
-                      restarts=cfg.apgd_restarts)
+        common = apgd_settings(cfg)
         for k in range(self.model.num_exits):
             self.run(exit_name("apgd-ce", k), self._attack("apgd-ce", exit=k, **common), cfg.eval_eps)
         for k in range(self.model.num_exits):
@@ -235,10 +245,8 @@ class AttackSuite:
     def policy(self) -> None:
         cfg = self.cfg
         for entry, k in policy_targets(self.table):
-            attack = self._attack("policy", exit=k, eps=cfg.eval_eps, step_size=cfg.eval_step_size,
-                                  steps=cfg.policy_attack_steps, thresholds=entry.thresholds, max_exit=entry.max_exit,
-                                  measure=self.measure, kappa=cfg.policy_attack_kappa,
-                                  restarts=cfg.policy_attack_restarts)
+            attack = self._attack("policy", exit=k, thresholds=entry.thresholds, max_exit=entry.max_exit,
+                                  measure=self.measure, **policy_attack_settings(cfg))
             self.run(policy_set_name(entry, k), attack, cfg.eval_eps)
 
     def run_all(self) -> dict[str, EvalResult]:
@@ -279,13 +287,10 @@ def calibration_attack_sets(model: MultiExitNetwork, cfg: TrainConfig, x_val: to
         thresholds = [NEVER] * k
         if e < k - 1:
             thresholds[e] = CONFIDENT
-        attack = build_attack("policy", model, eps=cfg.eval_eps, step_size=cfg.eval_step_size,
-                              steps=cfg.policy_attack_steps, exit=e, thresholds=thresholds, max_exit=k - 1,
-                              measure=measure, kappa=cfg.policy_attack_kappa, restarts=cfg.policy_attack_restarts,
-                              seed=cfg.seed)
+        attack = build_attack("policy", model, exit=e, thresholds=thresholds, max_exit=k - 1, measure=measure,
+                              seed=cfg.seed, **policy_attack_settings(cfg))
         sets.append(evaluate(model, x, y, attack, cfg.eval_batch_size, f"calibration (policy, exit {e + 1})").outputs)
-        attack = build_attack("apgd-ce", model, eps=cfg.eval_eps, step_size=cfg.eval_step_size, steps=cfg.apgd_steps,
-                              exit=e, restarts=cfg.apgd_restarts, seed=cfg.seed)
+        attack = build_attack("apgd-ce", model, exit=e, seed=cfg.seed, **apgd_settings(cfg))
         sets.append(evaluate(model, x, y, attack, cfg.eval_batch_size, f"calibration (apgd-ce, exit {e + 1})").outputs)
     return tuple(sets)
 

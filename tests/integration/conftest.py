@@ -104,8 +104,8 @@ def _build_tiny(root: Path) -> TinyModel:
     from early_exit.manifest import load_manifest
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
-    from early_exit.policy import ConfidenceMeasure
     from early_exit.manifest import sha256_file
+    from early_exit.policy import ConfidenceMeasure
     from training.calibrate import Calibration, ExitOutputs, agreement_with_last_exit, calibrate_table, \
         calibration_path, write_calibration
     from training.checkpoint import make_checkpoint, save_checkpoint
