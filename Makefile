@@ -38,19 +38,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# The monitoring tests also need prometheus + promtool (Debian's `prometheus` package): installed here when
-# running as root with apt-get, otherwise the command to run is printed and setup goes on.
-PROMETHEUS_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus
+# Two Debian packages the tests also need: prometheus + promtool (the monitoring tests) and wrk (the serving
+# benchmark's load generator, bench/wrk.py). Installed here when running as root with apt-get, otherwise the
+# command to run is printed and setup goes on.
+SYSTEM_PACKAGES := prometheus wrk
+SYSTEM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES)
 setup: $(STAMP)
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
-	  echo "prometheus and promtool: $$(command -v prometheus), $$(command -v promtool)"; \
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v wrk >/dev/null; then \
+	  echo "prometheus, promtool and wrk: $$(command -v prometheus), $$(command -v promtool), $$(command -v wrk)"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing Prometheus for the monitoring tests: $(PROMETHEUS_INSTALL)"; \
-	  $(PROMETHEUS_INSTALL) >/dev/null \
-	    || echo "WARNING: installing Prometheus failed; make test needs it: $(PROMETHEUS_INSTALL)"; \
+	  echo "installing what the tests need beside Python: $(SYSTEM_INSTALL)"; \
+	  $(SYSTEM_INSTALL) >/dev/null \
+	    || echo "WARNING: installing $(SYSTEM_PACKAGES) failed; make test needs them: $(SYSTEM_INSTALL)"; \
 	else \
-	  echo "WARNING: prometheus/promtool are missing and make test needs them; install them with:"; \
-	  echo "  sudo sh -c '$(PROMETHEUS_INSTALL)'"; \
+	  echo "WARNING: prometheus/promtool or wrk are missing and make test needs them; install them with:"; \
+	  echo "  sudo sh -c '$(SYSTEM_INSTALL)'"; \
 	fi
 
 data: $(STAMP)

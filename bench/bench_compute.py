@@ -37,7 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bench import servers
+from bench import servers, wrk
 from bench.common import Call, ratio, result_header, seed_everything
 
 log = logging.getLogger("bench.compute")
@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=512, help="generated images sent per concurrency-16 burst")
     p.add_argument("--c1-requests", type=int, default=100, help="requests per concurrency-1 burst")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
-    p.add_argument("--warmup", type=int, default=500, help="requests per server before measuring (JIT warm-up)")
+    p.add_argument("--warmup-seconds", type=float, default=3.0,
+                   help="wrk load per server before measuring (JIT warm-up; bench.bench_serve.warm_up)")
     p.add_argument("--batch-size", type=int, help="batchSize (default: export.archive.ServeConfig's)")
     p.add_argument("--max-batch-delay", type=int, help="maxBatchDelay ms (default: ServeConfig's)")
     p.add_argument("--workers", type=int, help="min = max workers (default: ServeConfig's)")
@@ -162,7 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.warmup_seconds > 0:
+        try:
+            wrk.executable()
+        except wrk.WrkMissing as exc:
+            p.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("export", "onnxscript", "onnx_ir", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -192,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with servers.serving(targets, work / "servers") as live:
             early, full = live["early_exit"], live["full_graph"]
             for running in (early, full):
-                warm_up(running, bodies, args.warmup)
+                warm_up(running, bodies, args.warmup_seconds)
             for round_ in range(args.rounds):
                 for label, k in (forced if round_ % 2 == 0 else list(reversed(forced))):
                     server = full if k is None else early

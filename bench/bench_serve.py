@@ -11,8 +11,11 @@ On an MNIST archive (default model_store/mnist.mar from `make train-export`) and
   (d) in_process        the same handler called in-process (TorchServe's Context, no HTTP, no frontend):
                         the staged onnxruntime loop plus decoding, batch 1 and batch = the archive's batchSize
 at concurrency 1 and 16: requests/s, p50/p99 latency, mean staged MFLOPs per request, CPU per request of the
-client, TorchServe's Java frontend and its Python workers. All servers run at once and get their bursts in
+client, TorchServe's Java frontend and its Python workers. All servers run at once and get timed bursts in
 interleaved rounds (bench/servers.py); figures are medians over `--rounds`, ratios medians of per-round ratios.
+The timed bursts come from wrk (bench/wrk.py: one C thread, so the load generator takes little of the 2 cores the
+server runs on); then every test image goes once through this project's Python client, whose answers are the ones
+checked below (its throughput is reported beside, as `python_client_c16`).
 Reported: (a) against (b) per concurrency (targets: >= 1.0x at c=1, >= 1.2x at c=16) and (a) against (d) at
 c=16 (the HTTP overhead; target >= 0.35), the latter also from CPU time (what it tends to on a quiet machine).
 Answers through HTTP are compared row
@@ -46,8 +49,9 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 from PIL import Image
+from tqdm import tqdm
 
-from bench import servers, stock, sweep
+from bench import servers, stock, sweep, wrk
 from bench.common import Call, latency_summary, load, ratio, result_header, seed_everything, self_cpu_seconds
 from early_exit.manifest import Manifest, load_manifest, verify_files
 from early_exit.policy import entry_for_budget
@@ -122,13 +126,12 @@ def summarize(calls: list[Call], seconds: float, staged: Sequence[float], y: np.
     return out
 
 
-def warm_up(running: "servers.Running", bodies: Sequence[bytes], requests: int) -> None:
-    """`requests` bodies (cycling) at concurrency 16, then a tenth of them at concurrency 1."""
-    if requests <= 0 or not bodies:
+def warm_up(running: "servers.Running", bodies: Sequence[bytes], seconds: float) -> None:
+    """`seconds` of bodies (cycling) at concurrency 16, then a fifth as long (at least 1 s) at concurrency 1."""
+    if seconds <= 0 or not bodies:
         return
-    cycled = [bodies[i % len(bodies)] for i in range(requests)]
-    running.run(cycled, 16)
-    running.run(cycled[:max(1, requests // 10)], 1)
+    running.burst(bodies, 16, seconds)
+    running.burst(bodies, 1, max(1.0, seconds / 5))
 
 
 def answer_stats(calls: list[Call], staged: Sequence[float], y: np.ndarray | None) -> dict[str, Any]:
@@ -250,9 +253,9 @@ class SettingsSweep:
     as the reference, it beat fresh copies of its own setting by 10-35% here. At most two servers run at once."""
 
     def __init__(self, archive: Path, folder: Path, manifest: Manifest, work: Path, bodies: list[bytes],
-                 y: np.ndarray, warmup: int, rounds: int, c1_requests: int = 0) -> None:
+                 warmup_s: float, rounds: int, burst_s: float, c1_s: float = 0.0) -> None:
         self.archive, self.folder, self.manifest, self.work = archive, folder, manifest, work
-        self.bodies, self.y, self.warmup, self.rounds, self.c1_requests = bodies, y, warmup, rounds, c1_requests
+        self.bodies, self.warmup_s, self.rounds, self.burst_s, self.c1_s = bodies, warmup_s, rounds, burst_s, c1_s
         self.limit = InProcess(folder, manifest)
 
     def close(self) -> None:
@@ -277,14 +280,12 @@ class SettingsSweep:
                 targets.append(servers.Target(s.label(), archive, s.server_config()))
             live = servers.start_all(targets, self.work)
             for running in live:
-                warm_up(running, self.bodies, self.warmup)
+                warm_up(running, self.bodies, self.warmup_s)
             for i in range(rounds):
                 for j in (range(len(settings)) if i % 2 == 0 else reversed(range(len(settings)))):
-                    run, calls = live[j].run(self.bodies, 16)
-                    run.update(answer_stats(calls, self.manifest.staged_mflops, self.y))
-                    out[j]["http"].append(run)
-                    if c1 and self.c1_requests:
-                        out[j]["c1"].append(live[j].run(self.bodies[:self.c1_requests], 1)[0])
+                    out[j]["http"].append(live[j].burst(self.bodies, 16, self.burst_s))
+                    if c1 and self.c1_s > 0:
+                        out[j]["c1"].append(live[j].burst(self.bodies, 1, self.c1_s))
                     if with_in_process:
                         out[j]["in_process"].append(self.in_process(settings[j]))
         finally:
@@ -299,8 +300,7 @@ class SettingsSweep:
         row = {"requests": m["requests"], "errors": m["errors"], "requests_per_s": m["requests_per_s"],
                "p50_ms": m["p50_ms"], "p99_ms": m["p99_ms"], "reference_requests_per_s": mr["requests_per_s"],
                "paired_ratio": servers.paired_ratio(cand, ref)["median"],
-               "cpu_ms_per_request": m.get("cpu_ms_per_request"), "budget_violations":
-                   int(sum(r.get("budget_violations", 0) for r in cand))}
+               "cpu_ms_per_request": m.get("cpu_ms_per_request")}
         if cand_got["c1"] and ref_got["c1"]:
             c1, ref_c1 = servers.medians(cand_got["c1"]), servers.medians(ref_got["c1"])
             row.update(c1_requests_per_s=c1["requests_per_s"], c1_p50_ms=c1["p50_ms"], c1_p99_ms=c1["p99_ms"],
@@ -383,22 +383,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved rounds: every server (and the in-process loop) gets one burst per round and "
                         "concurrency; medians and per-round ratios are reported (3 rounds left c=1 ratios spread "
                         "over +-4%%)")
-    p.add_argument("--c1-requests", type=int, default=1000, help="requests per concurrency-1 burst")
+    p.add_argument("--burst-seconds", type=float, default=4.0,
+                   help="length of each timed wrk burst at concurrency > 1 (bench/wrk.py)")
+    p.add_argument("--c1-seconds", type=float, default=6.0, help="length of each timed wrk burst at concurrency 1")
+    p.add_argument("--c1-requests", type=int, default=1000,
+                   help="images in each in-process batch-1 run (the concurrency-1 limit)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--sweep-requests", type=int, default=2000, help="images per calibrated budget in the sweep")
-    p.add_argument("--warmup", type=int, default=8000,
-                   help="requests sent to each server (concurrency 16, then a tenth at 1) before measuring: the "
-                        "frontend's JIT compiles for the first thousands of requests and would bill the first rounds "
-                        "(measured: c=16 throughput still rose by a third between the 2000th and 10000th request)")
+    p.add_argument("--warmup-seconds", type=float, default=6.0,
+                   help="wrk load sent to each server (concurrency 16, then a fifth as long at 1) before measuring: "
+                        "the frontend's JIT compiles for the first thousands of requests and would bill the first "
+                        "rounds (measured: c=16 throughput still rose by a third between the 2000th and 10000th "
+                        "request; 6 s is ~20000 requests)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe baseline")
     p.add_argument("--sweep-settings", action="store_true",
                    help="also sweep the server's settings at concurrency 16 (bench/sweep.py)")
     p.add_argument("--sweep-only", action="store_true", help="the settings sweep alone (implies --sweep-settings)")
     p.add_argument("--settings-requests", type=int, default=3000,
-                   help="requests per concurrency-16 burst in the sweep (a few seconds: shorter bursts are noise)")
+                   help="images the sweep sends (cycling) and runs in process")
+    p.add_argument("--settings-seconds", type=float, default=3.0,
+                   help="length of each concurrency-16 burst in the sweep (a few seconds: shorter bursts are noise)")
     p.add_argument("--settings-rounds", type=int, default=3, help="bursts per setting in each sweep comparison")
-    p.add_argument("--settings-c1-requests", type=int, default=200,
-                   help="requests per setting at concurrency 1 (reported beside, not optimized; 0 skips)")
+    p.add_argument("--settings-c1-seconds", type=float, default=2.0,
+                   help="length of each setting's concurrency-1 burst (reported beside, not optimized; 0 skips)")
     p.add_argument("--sweep-axis", action="append", default=[], metavar="NAME=V1,V2",
                    help=f"sweep only these axes, in this order (repeatable; names: {', '.join(sweep.AXIS_NAMES)})")
     p.add_argument("--confirm-rounds", type=int, default=4, help="A/B rounds of base against the sweep's best")
@@ -427,6 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(exc))
     if args.rounds < 1 or args.confirm_rounds < 1 or args.settings_rounds < 1:
         p.error("rounds must be at least 1")
+    try:
+        load_generator = wrk.version()
+    except wrk.WrkMissing as exc:
+        p.error(str(exc))
     do_sweep = args.sweep_settings or args.sweep_only
     seed_everything(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -437,6 +448,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         x, y = x.numpy().astype(np.float32), y.numpy()
         bodies = png_bodies(x)
         result = result_header("serve", args.seed, args.note)
+        result["load_generator"] = {
+            "timing": f"{load_generator}, one thread, persistent connections, closed loop (bench/wrk.py, "
+                      "bench/wrk_bodies.lua); bodies in order, cycling; statuses counted, answers not read",
+            "answers": "this project's Python client (bench/common.py load, 16 threads, http.client) in a separate "
+                       "pass per server: the answers, exits and budgets checked"}
         result["model"] = {"archive": str(args.archive), "name": manifest.name, "version": manifest.version,
                            "dataset": manifest.dataset, "cost": manifest.cost.to_dict(),
                            "default_budget_mflops": manifest.default_budget_mflops,
@@ -448,11 +464,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             result.update(standard_runs(args, work, folder, manifest, model_config, x, y, bodies))
         if do_sweep:
             n = min(args.settings_requests, len(bodies))
-            measure = SettingsSweep(args.archive, folder, manifest, work / "sweep", bodies[:n], y[:n], args.warmup,
-                                    args.settings_rounds, min(args.settings_c1_requests, n))
+            measure = SettingsSweep(args.archive, folder, manifest, work / "sweep", bodies[:n], args.warmup_seconds,
+                                    args.settings_rounds, args.settings_seconds, args.settings_c1_seconds)
             try:
                 result["settings_sweep"] = {
-                    "requests_per_burst": n, "rounds_per_comparison": args.settings_rounds, "concurrency": 16,
+                    "images": n, "seconds_per_burst": args.settings_seconds,
+                    "rounds_per_comparison": args.settings_rounds, "concurrency": 16,
                     **settings_sweep(measure, sweep.Setting.from_model_config(model_config), axes,
                                      args.confirm_rounds, args.min_gain, args.max_c1_p50_increase)}
             finally:
@@ -513,41 +530,45 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
     if manifest.full_graph is not None:
         targets.append(servers.Target(FULL, full_graph_archive(args.archive, work / "full-archive" / args.archive.name)))
     labels = [t.label for t in targets]
+    c_high = max(args.concurrency)
     limit = InProcess(folder, manifest)
     per: dict[tuple[str, int], list[dict[str, Any]]] = {}
     first: dict[str, list[Call]] = {}
     swept: dict[float, list[Call]] = {}
+    checked: dict[str, dict[str, Any]] = {}
     with servers.serving(targets, work / "servers") as live:
         for label in labels:
-            warm_up(live[label], sent[label], args.warmup)
-        for round_ in range(args.rounds):
+            warm_up(live[label], sent[label], args.warmup_seconds)
+        for round_ in tqdm(range(args.rounds), desc="bench-serve rounds", unit="round"):
             order = labels if round_ % 2 == 0 else list(reversed(labels))
             for c in args.concurrency:
-                n = len(bodies) if c > 1 else c1
                 for label in order:
-                    run, calls = live[label].run(sent[label][:n], c)
-                    run.update(answer_stats(calls, costs[label], y[:n]))
+                    run = live[label].burst(sent[label], c, args.c1_seconds if c == 1 else args.burst_seconds)
                     per.setdefault((label, c), []).append(run)
-                    if n == len(bodies) and label not in first:
-                        first[label] = calls
                     log.info("round %d %s c=%d: %s", round_ + 1, label, c,
-                             {k: run[k] for k in ("requests_per_s", "p50_ms", "p99_ms", "errors")})
+                             {k: run[k] for k in ("requests", "requests_per_s", "p50_ms", "p99_ms", "errors")})
+                n = len(bodies) if c > 1 else c1
                 b = 1 if c == 1 else batch_size
                 run, calls = limit.run(bodies[:n], b, threads)
                 run.update(answer_stats(calls, staged, y[:n]))
                 per.setdefault(("in_process", c), []).append(run)
+        for label in labels:  # the answers: every test image once through the Python client
+            run, first[label] = live[label].run(sent[label], c_high)
+            checked[label] = {**run, **answer_stats(first[label], costs[label], y)}
+            log.info("answer check %s c=%d: %s", label, c_high,
+                     {k: checked[label].get(k) for k in ("requests_per_s", "errors", "accuracy", "budget_violations")})
         for budget in budgets:
             swept[budget], _ = load(live[EARLY].server.inference_url, live[EARLY].server.models[0], live[EARLY].token,
                                     bodies[:sweep_n], max(args.concurrency), budget)
 
     runs = []
     for (label, c), rs in per.items():
+        answers = rs[0] if label == "in_process" else checked[label]
         row = {"server": label, "concurrency": c, **servers.medians(rs),
-               "mean_mflops": rs[0].get("mean_mflops"),
-               "budget_violations": int(sum(r.get("budget_violations", 0) for r in rs)),
-               "accuracy": rs[0].get("accuracy")}
+               **{k: answers.get(k) for k in ("mean_mflops", "accuracy")}}
         if label == "in_process":
-            row.update(batch_size=1 if c == 1 else batch_size, intra_op_threads=threads)
+            row.update(batch_size=1 if c == 1 else batch_size, intra_op_threads=threads,
+                       budget_violations=int(sum(r.get("budget_violations", 0) for r in rs)))
         runs.append(row)
     order_key = {EARLY: 0, STOCK: 1, FULL: 2, "in_process": 3}
     runs.sort(key=lambda r: (order_key[r["server"]], r["concurrency"]))
@@ -559,7 +580,6 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
                              {c: p["median"] for c, p in paired_stock.items()})
     for row in vs_stock:
         row["throughput_ratio_per_round"] = paired_stock[row["concurrency"]]["per_round"]
-    c_high = max(args.concurrency)
     paired_limit = servers.paired_ratio(per[(EARLY, c_high)], per[("in_process", c_high)]) \
         if c_high > 1 else None
 
@@ -628,10 +648,26 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
                     "saving_vs_full_network": 1.0 - offline["mean_mflops"] / full_cost,
                     "unit": "staged MFLOPs per request (stages and heads run); the full network runs no early "
                             "heads"},
-        "budget_violations": sum(r["budget_violations"] for r in runs) + sum(r["budget_violations"]
-                                                                             for r in sweep_rows),
+        "python_client_c16": python_client_figures(checked, runs, c_high),
+        "budget_violations": sum(r.get("budget_violations", 0) for r in runs) + sum(
+            r["budget_violations"] for r in [*checked.values(), *sweep_rows]),
         "budget_sweep": sweep_rows,
     }
+
+
+def python_client_figures(checked: dict[str, dict[str, Any]], runs: Sequence[dict[str, Any]], concurrency: int
+                          ) -> dict[str, Any]:
+    """What the answer-check pass (one pass per server, this project's Python client sharing the cores) measured:
+    the yardstick before wrk, kept beside it. Ratios of single passes, not medians over rounds."""
+    limit = next((r for r in runs if r["server"] == "in_process" and r["concurrency"] == concurrency), None)
+    rate = {label: c["requests_per_s"] for label, c in checked.items()}
+    return {"concurrency": concurrency, "note": "one pass per server after the timed rounds; the client's CPU is "
+                                                "billed to the server's wall time",
+            "servers": {label: {k: c.get(k) for k in ("requests", "requests_per_s", "p50_ms", "p99_ms", "errors")}
+                        | {"client_cpu_ms_per_request": (c.get("cpu") or {}).get("client_cpu_ms_per_request")}
+                        for label, c in checked.items()},
+            "early_exit_vs_stock": ratio(rate.get(EARLY), rate.get(STOCK)),
+            "http_vs_in_process": ratio(rate.get(EARLY), limit and limit["requests_per_s"])}
 
 
 def report(result: dict[str, Any]) -> None:
@@ -652,6 +688,10 @@ def report(result: dict[str, Any]) -> None:
         print(f"HTTP / in-process at c={h['concurrency']}: {h['ratio']} (per round {h['per_round']}, target {h['target']})"
               + (f"; from CPU time: {h['cpu']['ratio_if_cpu_bound']} ({h['cpu']['http_ms_per_request']} ms per HTTP "
                  f"request, {h['cpu']['in_process_ms_per_request']} ms in process)" if h.get("cpu") else ""))
+    pc = result.get("python_client_c16")
+    if pc:
+        print(f"with the Python client instead of wrk (one pass, c={pc['concurrency']}): early exit / stock "
+              f"{pc['early_exit_vs_stock']}x, HTTP / in-process {pc['http_vs_in_process']}")
     s = result.get("settings_sweep")
     if s:
         if s.get("noise_control"):

@@ -18,7 +18,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from bench import wrk
 from bench.common import Call, CpuMeter, Parse, latency_summary, load
+from serving.client import guess_content_type
 from serving.server import PID_FILE, KeyKind, Ports, Server, start_server
 
 log = logging.getLogger("bench.servers")
@@ -40,6 +42,8 @@ class Running:
     target: Target
     server: Server
     token: str | None = field(default=None, repr=False)
+    # wrk's body files, one per list of bodies this server was sent (the list is kept so its id stays unique)
+    _body_files: dict[int, tuple[Sequence[bytes], wrk.BodyFiles]] = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
@@ -62,6 +66,24 @@ class Running:
                "errors": sum(1 for c in calls if c.status != 200 or c.body is None),
                "cpu": per_request(cpu.result, len(calls))}
         return run, calls
+
+    def burst(self, bodies: Sequence[bytes], concurrency: int, seconds: float) -> dict[str, Any]:
+        """One timed burst with wrk (bench/wrk.py): `bodies` in order, cycling, for `seconds` at `concurrency`;
+        latency summary, errors (statuses only: answers are not read) and CPU of wrk and the server."""
+        files = self._files(bodies)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        with CpuMeter(self.pid) as cpu:
+            run = wrk.burst(self.server.inference_url, f"/predictions/{self.server.models[0]}", files, concurrency,
+                            seconds, headers)
+        cpu.result["client_cpu_s"] = run.pop("client_cpu_s")
+        run["cpu"] = per_request(cpu.result, run["requests"])
+        return run
+
+    def _files(self, bodies: Sequence[bytes]) -> wrk.BodyFiles:
+        if id(bodies) not in self._body_files:
+            folder = self.server.state_dir / "wrk" / str(len(self._body_files))
+            self._body_files[id(bodies)] = (bodies, wrk.BodyFiles.write(bodies, folder, guess_content_type(bodies[0])))
+        return self._body_files[id(bodies)][1]
 
     def stop(self) -> None:
         self.server.stop()

@@ -84,7 +84,8 @@ def parse_answer(body: Any, num_exits: int, full_mflops: float) -> dict[str, Any
 def compare(early: Sequence[dict[str, Any]], stock: Sequence[dict[str, Any]],
             targets: dict[int, float], paired: dict[int, float | None] | None = None) -> list[dict[str, Any]]:
     """Per concurrency: early-exit / stock requests/s (the median of per-round ratios when `paired` has it, else
-    the ratio of the two runs' figures), and both servers' p50/p99 (ratios < 1 are faster)."""
+    the ratio of the two runs' figures), both servers' p50/p99 (ratios < 1 are faster) and CPU ms per request
+    of their process trees (frontend + workers; ratio < 1 is cheaper)."""
     by_c = {r["concurrency"]: r for r in stock}
     rows = []
     for r in early:
@@ -94,6 +95,7 @@ def compare(early: Sequence[dict[str, Any]], stock: Sequence[dict[str, Any]],
         of_medians = round(r["requests_per_s"] / s["requests_per_s"], 3) if s["requests_per_s"] else None
         speedup = (paired or {}).get(r["concurrency"]) or of_medians
         target = targets.get(r["concurrency"])
+        cpu = {who: (run.get("cpu_ms_per_request") or {}).get("server") for who, run in (("early", r), ("stock", s))}
         rows.append({
             "concurrency": r["concurrency"],
             "early_exit_requests_per_s": r["requests_per_s"], "stock_requests_per_s": s["requests_per_s"],
@@ -102,6 +104,8 @@ def compare(early: Sequence[dict[str, Any]], stock: Sequence[dict[str, Any]],
             "early_exit_p99_ms": r["p99_ms"], "stock_p99_ms": s["p99_ms"],
             "p50_ratio": round(r["p50_ms"] / s["p50_ms"], 3) if s["p50_ms"] else None,
             "p99_ratio": round(r["p99_ms"] / s["p99_ms"], 3) if s["p99_ms"] else None,
+            "early_exit_server_cpu_ms_per_request": cpu.get("early"), "stock_server_cpu_ms_per_request": cpu.get("stock"),
+            "server_cpu_ratio": round(cpu["early"] / cpu["stock"], 3) if cpu.get("early") and cpu.get("stock") else None,
             "target_throughput_ratio": target,
             "meets_target": None if target is None or speedup is None else speedup >= target,
         })

@@ -127,6 +127,11 @@ def test_stock_compare_and_targets() -> None:
     paired = stock.compare(early, base, {1: 1.0, 16: 1.2}, {1: 1.01, 16: None})
     assert [r["throughput_ratio"] for r in paired] == [1.01, 1.3]  # the per-round median wins when there is one
     assert paired[0]["throughput_ratio_of_medians"] == 0.952 and paired[0]["meets_target"]
+    assert rows[0]["server_cpu_ratio"] is None  # runs without CPU figures
+    early[0]["cpu_ms_per_request"], base[0]["cpu_ms_per_request"] = {"server": 1.0, "client": 0.1}, {"server": 8.0}
+    row = stock.compare(early, base, {1: 1.0})[0]
+    assert (row["early_exit_server_cpu_ms_per_request"], row["stock_server_cpu_ms_per_request"],
+            row["server_cpu_ratio"]) == (1.0, 8.0, 0.125)
 
 
 def test_stock_handler_is_one_class_overriding_only_inference() -> None:
