@@ -396,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rounds (measured: c=16 throughput still rose by a third between the 2000th and 10000th "
                         "request; 6 s is ~20000 requests)")
     p.add_argument("--no-stock", action="store_true", help="skip the stock TorchServe baseline")
+    p.add_argument("--stock-no-spin", action="store_true",
+                   help="also serve the stock baseline with onnxruntime's thread-pool spinning off "
+                        "(bench/stock_onnx_no_spin_handler.py): what the stock server's busy-waiting buys at c=1")
     p.add_argument("--sweep-settings", action="store_true",
                    help="also sweep the server's settings at concurrency 16 (bench/sweep.py)")
     p.add_argument("--sweep-only", action="store_true", help="the settings sweep alone (implies --sweep-settings)")
@@ -492,6 +495,7 @@ def _json_default(value: Any) -> Any:
 
 
 EARLY, STOCK, FULL = "early_exit_http", "stock_torchserve", "full_graph_http"
+STOCK_NO_SPIN = "stock_torchserve_no_spin"  # --stock-no-spin: the explanation of the concurrency-1 figure
 
 
 def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: Manifest,
@@ -511,14 +515,19 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
 
     targets = [servers.Target(EARLY, args.archive)]
     sent = {EARLY: bodies, FULL: bodies}
-    costs = {EARLY: staged, FULL: full_graph_costs, STOCK: full_graph_costs}
+    costs = {EARLY: staged, FULL: full_graph_costs, STOCK: full_graph_costs, STOCK_NO_SPIN: full_graph_costs}
     stock_info: dict[str, Any] = {"skipped": True}
     if not args.no_stock and manifest.full_graph is not None:
         full_onnx = stock.extract_full_graph(args.archive, work / "full.onnx", manifest.full_graph.file)
         stock_mar = stock.build_stock_archive(full_onnx, model_config, work / "stock-archive", f"{manifest.name}_stock")
-        targets.append(servers.Target(STOCK, stock_mar, stock.SERVER_CONFIG,
-                                      lambda body: stock.parse_answer(body, manifest.num_exits, full_cost)))
+        parse = (lambda body: stock.parse_answer(body, manifest.num_exits, full_cost))
+        targets.append(servers.Target(STOCK, stock_mar, stock.SERVER_CONFIG, parse))
         sent[STOCK] = stock.json_bodies(x)
+        if args.stock_no_spin:
+            no_spin_mar = stock.build_stock_archive(full_onnx, model_config, work / "stock-no-spin-archive",
+                                                   f"{manifest.name}_stock_no_spin", stock.NO_SPIN_HANDLER)
+            targets.append(servers.Target(STOCK_NO_SPIN, no_spin_mar, stock.SERVER_CONFIG, parse))
+            sent[STOCK_NO_SPIN] = sent[STOCK]
         stock_info = {
             "handler": "bench/stock_onnx_handler.py: BaseHandler with inference = session.run (base_handler alone "
                        "fails: 'InferenceSession' object is not callable)",
@@ -526,6 +535,8 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
             "server_config_over_ours": stock.SERVER_CONFIG, "input": stock.INPUT_FORM,
             "onnxruntime_intra_op_threads": "psutil.cpu_count(logical=True) (BaseHandler's setup_ort_session)",
             "answer": '{"predictions": [[logits]]}; class = argmax',
+            "no_spin_variant": f"{STOCK_NO_SPIN}: bench/stock_onnx_no_spin_handler.py, the same with onnxruntime's "
+                               "session.intra_op.allow_spinning=0" if args.stock_no_spin else None,
         }
     if manifest.full_graph is not None:
         targets.append(servers.Target(FULL, full_graph_archive(args.archive, work / "full-archive" / args.archive.name)))
@@ -570,7 +581,7 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
             row.update(batch_size=1 if c == 1 else batch_size, intra_op_threads=threads,
                        budget_violations=int(sum(r.get("budget_violations", 0) for r in rs)))
         runs.append(row)
-    order_key = {EARLY: 0, STOCK: 1, FULL: 2, "in_process": 3}
+    order_key = {EARLY: 0, STOCK: 1, STOCK_NO_SPIN: 2, FULL: 3, "in_process": 4}
     runs.sort(key=lambda r: (order_key[r["server"]], r["concurrency"]))
     early_runs = [r for r in runs if r["server"] == EARLY]
     stock_runs = [r for r in runs if r["server"] == STOCK]
@@ -580,6 +591,12 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
                              {c: p["median"] for c, p in paired_stock.items()})
     for row in vs_stock:
         row["throughput_ratio_per_round"] = paired_stock[row["concurrency"]]["per_round"]
+    no_spin_runs = [r for r in runs if r["server"] == STOCK_NO_SPIN]
+    paired_no_spin = {c: servers.paired_ratio(per[(EARLY, c)], per[(STOCK_NO_SPIN, c)]) for c in args.concurrency
+                      if (STOCK_NO_SPIN, c) in per}
+    vs_no_spin = stock.compare(early_runs, no_spin_runs, {}, {c: p["median"] for c, p in paired_no_spin.items()})
+    for row in vs_no_spin:
+        row["throughput_ratio_per_round"] = paired_no_spin[row["concurrency"]]["per_round"]
     paired_limit = servers.paired_ratio(per[(EARLY, c_high)], per[("in_process", c_high)]) \
         if c_high > 1 else None
 
@@ -625,6 +642,7 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
         "stock_baseline": stock_info,
         "runs": runs,
         "early_exit_vs_stock": vs_stock,
+        "early_exit_vs_stock_no_spin": vs_no_spin or None,
         "http_vs_in_process": http_vs_in_process(runs, batch_size, EARLY, c_high, paired_limit),
         "accuracy": {
             "http_early_exit": float((http_pred == y).mean()) if len(http_pred) == len(y) else None,
@@ -675,14 +693,16 @@ def report(result: dict[str, Any]) -> None:
     if "accuracy" in result:
         print(json.dumps({k: result[k] for k in ("accuracy", "compute", "budget_violations")}, indent=2))
     for r in result.get("runs", []):
-        print(f"{r['server']:16s} c={r['concurrency']:<3d} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
+        print(f"{r['server']:24s} c={r['concurrency']:<3d} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
               f"  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  MFLOPs {r['mean_mflops']}  (median of "
               f"{r['rounds']} rounds)")
-    for row in result.get("early_exit_vs_stock", []):
-        print(f"early exit / stock TorchServe at c={row['concurrency']}: {row['throughput_ratio']}x requests/s "
-              f"(per round {row['throughput_ratio_per_round']}, target {row['target_throughput_ratio']}x), "
-              f"p50 {row['early_exit_p50_ms']} vs {row['stock_p50_ms']} ms, p99 {row['early_exit_p99_ms']} vs "
-              f"{row['stock_p99_ms']} ms")
+    for key, name in (("early_exit_vs_stock", "stock TorchServe"), ("early_exit_vs_stock_no_spin", "stock, no spin")):
+        for row in result.get(key) or []:
+            print(f"early exit / {name} at c={row['concurrency']}: {row['throughput_ratio']}x requests/s "
+                  f"(per round {row['throughput_ratio_per_round']}, target {row['target_throughput_ratio']}), "
+                  f"p50 {row['early_exit_p50_ms']} vs {row['stock_p50_ms']} ms, p99 {row['early_exit_p99_ms']} vs "
+                  f"{row['stock_p99_ms']} ms, server CPU {row['early_exit_server_cpu_ms_per_request']} vs "
+                  f"{row['stock_server_cpu_ms_per_request']} ms per request")
     if "http_vs_in_process" in result:
         h = result["http_vs_in_process"]
         print(f"HTTP / in-process at c={h['concurrency']}: {h['ratio']} (per round {h['per_round']}, target {h['target']})"

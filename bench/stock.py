@@ -27,6 +27,7 @@ import numpy as np
 import yaml
 
 HANDLER = Path(__file__).resolve().parent / "stock_onnx_handler.py"
+NO_SPIN_HANDLER = Path(__file__).resolve().parent / "stock_onnx_no_spin_handler.py"  # --stock-no-spin
 MODEL_CONFIG = "model-config.yaml"
 # The keys of model-config.yaml both servers share; the early-exit `handler:` section is ours alone.
 SHARED_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
@@ -41,14 +42,15 @@ def stock_model_config(early_exit_config: dict[str, Any]) -> dict[str, Any]:
     return {k: early_exit_config[k] for k in SHARED_KEYS if k in early_exit_config}
 
 
-def build_stock_archive(full_onnx: Path, early_exit_config: dict[str, Any], out_dir: Path, name: str) -> Path:
+def build_stock_archive(full_onnx: Path, early_exit_config: dict[str, Any], out_dir: Path, name: str,
+                        handler: Path = HANDLER) -> Path:
     """`torch-model-archiver --serialized-file full.onnx --handler stock_onnx_handler.py` into out_dir/name.mar."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stock-mar-") as tmp:
         config = Path(tmp) / MODEL_CONFIG
         config.write_text(yaml.safe_dump(stock_model_config(early_exit_config), sort_keys=False))
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
-               "--serialized-file", str(full_onnx), "--handler", str(HANDLER), "--config-file", str(config),
+               "--serialized-file", str(full_onnx), "--handler", str(handler), "--config-file", str(config),
                "--export-path", str(out_dir), "--archive-format", "default", "--force"]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
     if proc.returncode != 0:

@@ -147,23 +147,51 @@ def test_stock_handler_is_one_class_overriding_only_inference() -> None:
     assert overridden == {"inference"}
 
 
-def test_stock_handler_runs_an_onnx_session() -> None:
-    import torch
+def _flatten_onnx() -> bytes:
     from onnx import TensorProto, helper
-
-    from bench.stock_onnx_handler import StockOnnxHandler
 
     graph = helper.make_graph([helper.make_node("Flatten", ["image"], ["logits"], axis=1)], "g",
                               [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 2, 2])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
+    return model.SerializeToString()
+
+
+FLATTEN_BATCH = [[[[0.0, 1.0], [2.0, 3.0]]], [[[4.0, 5.0], [6.0, 7.0]]]]
+
+
+def test_stock_handler_runs_an_onnx_session() -> None:
     import onnxruntime as ort
+    import torch
+
+    from bench.stock_onnx_handler import StockOnnxHandler
 
     handler = StockOnnxHandler()
-    handler.model = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    batch = [[[[0.0, 1.0], [2.0, 3.0]]], [[[4.0, 5.0], [6.0, 7.0]]]]
-    out = handler.inference(torch.as_tensor(batch))
+    handler.model = ort.InferenceSession(_flatten_onnx(), providers=["CPUExecutionProvider"])
+    out = handler.inference(torch.as_tensor(FLATTEN_BATCH))
+    assert np.array_equal(out, np.arange(8, dtype=np.float32).reshape(2, 4))
+
+
+def test_no_spin_variant_reopens_the_session_with_spinning_off(tmp_path: Path) -> None:
+    """The --stock-no-spin server: BaseHandler's load, then the same session with allow_spinning=0."""
+    import psutil
+    import torch
+    from ts.context import Context
+    from ts.utils.util import list_classes_from_module
+
+    import bench.stock_onnx_no_spin_handler as module
+
+    (cls,) = list_classes_from_module(module)
+    (tmp_path / "full.onnx").write_bytes(_flatten_onnx())
+    ctx = Context("m", str(tmp_path), {"model": {"modelName": "m", "serializedFile": "full.onnx"}}, 1, None,
+                  "0.12.0")
+    handler = cls()
+    handler.initialize(ctx)
+    options = handler.model.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == psutil.cpu_count(logical=True)  # as BaseHandler's session
+    out = handler.inference(torch.as_tensor(FLATTEN_BATCH))
     assert np.array_equal(out, np.arange(8, dtype=np.float32).reshape(2, 4))
 
 
