@@ -6,8 +6,6 @@ work, so at concurrency 1 the stock worker burns about a core while it waits out
 is the same one with the session reopened with spinning off (`make bench-serve` with `--stock-no-spin`), to
 measure what that busy-waiting buys the stock server's latency.
 """
-import os
-
 import onnxruntime as ort
 import psutil
 from ts.torch_handler.base_handler import BaseHandler
@@ -19,8 +17,7 @@ class StockOnnxNoSpinHandler(BaseHandler):
         options = ort.SessionOptions()
         options.intra_op_num_threads = psutil.cpu_count(logical=True)  # as BaseHandler's setup_ort_session
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        path = os.path.join(context.system_properties["model_dir"], context.manifest["model"]["serializedFile"])
-        self.model = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        self.model = ort.InferenceSession(self.model_pt_path, sess_options=options, providers=["CPUExecutionProvider"])
 
     def inference(self, data, *args, **kwargs):
         session = self.model

@@ -185,7 +185,7 @@ def test_no_spin_variant_reopens_the_session_with_spinning_off(tmp_path: Path) -
     (cls,) = list_classes_from_module(module)
     (tmp_path / "full.onnx").write_bytes(_flatten_onnx())
     ctx = Context("m", str(tmp_path), {"model": {"modelName": "m", "serializedFile": "full.onnx"}}, 1, None,
-                  "0.12.0")
+                  "0.12.0", model_yaml_config={})
     handler = cls()
     handler.initialize(ctx)
     options = handler.model.get_session_options()
