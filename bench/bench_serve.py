@@ -34,14 +34,17 @@ Writes bench/results/serve-<dataset>.json (serve-<dataset>-sweep.json with --swe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -195,24 +198,56 @@ class InProcess:
         return run, calls
 
 
-def in_process_runs(folder: Path, manifest: Manifest, bodies: list[bytes], y: np.ndarray, batch_sizes: Sequence[int],
-                    c1_requests: int, threads: int) -> list[dict[str, Any]]:
-    """One in-process run per batch size (batch 1 on the first c1_requests bodies, larger ones on all)."""
-    limit = InProcess(folder, manifest)
-    runs = []
-    for b in batch_sizes:
-        subset = bodies if b > 1 else bodies[:c1_requests]
-        run, calls = limit.run(subset, b, threads)
-        runs.append({"server": "in_process", "concurrency": 1 if b == 1 else 16, "batch_size": b,
-                     "intra_op_threads": threads, **run,
-                     **answer_stats(calls, manifest.staged_mflops, y[:len(subset)])})
-    return runs
+_LOOP: InProcess | None = None  # the in-process loop of a ParallelInProcess child process
+
+
+def _loop_init(folder: str) -> None:
+    global _LOOP
+    _LOOP = InProcess(Path(folder), load_manifest(Path(folder)))
+
+
+def _loop_run(bodies: Sequence[bytes], batch_size: int, threads: int) -> tuple[float, float, int, float]:
+    """In a child: one InProcess run; its wall-clock start and end (time.time, comparable across processes),
+    rows answered and CPU seconds."""
+    assert _LOOP is not None, "_loop_init did not run"
+    started = time.time()
+    run, calls = _LOOP.run(bodies, batch_size, threads)
+    return started, time.time(), len(calls), run["cpu"]["process_cpu_s"]
+
+
+class ParallelInProcess:
+    """`loops` in-process loops at once, each in its own process (one per server worker): what the machine
+    answers without HTTP when every core runs the staged loop, the stricter limit once the server runs
+    several workers. Children start with the first run (handler load included in none of the figures: call
+    `run` once to warm up)."""
+
+    def __init__(self, folder: Path, loops: int) -> None:
+        self.loops = loops
+        self.pool = ProcessPoolExecutor(loops, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_loop_init, initargs=(str(folder),))
+
+    def run(self, bodies: Sequence[bytes], batch_size: int, threads: int) -> dict[str, Any]:
+        """Every loop answers all of `bodies`; requests/s = all rows over the span from the first start to the
+        last end."""
+        spans = [f.result() for f in [self.pool.submit(_loop_run, bodies, batch_size, threads)
+                                      for _ in range(self.loops)]]
+        seconds = max(s[1] for s in spans) - min(s[0] for s in spans)
+        rows = sum(s[2] for s in spans)
+        return {"loops": self.loops, "requests": rows, "seconds": round(seconds, 3),
+                "requests_per_s": round(rows / seconds, 1) if seconds > 0 else None,
+                "cpu": {"process_cpu_ms_per_request": round(sum(s[3] for s in spans) * 1000 / max(1, rows), 4)}}
+
+    def close(self) -> None:
+        self.pool.shutdown()
 
 
 def http_vs_in_process(runs: Sequence[dict[str, Any]], batch_size: int, label: str = "early_exit_http",
-                       concurrency: int = 16, paired: dict[str, Any] | None = None) -> dict[str, Any]:
+                       concurrency: int = 16, paired: dict[str, Any] | None = None,
+                       paired_parallel: dict[str, Any] | None = None) -> dict[str, Any]:
     """HTTP requests/s at `concurrency` over the in-process loop's at batch = the server's batchSize (the median
-    of per-round ratios when `paired` is given, else the ratio of the runs' figures)."""
+    of per-round ratios when `paired` is given, else the ratio of the runs' figures): the target's yardstick.
+    With a server of several workers, also over as many loops at once (`in_process_parallel`, the stricter limit:
+    the in-process loop on every core the workers use)."""
     http = next((r for r in runs if r["server"] == label and r["concurrency"] == concurrency), None)
     limit = next((r for r in runs if r["server"] == "in_process" and r.get("batch_size") == batch_size), None)
     value = ratio(http and http["requests_per_s"], limit and limit["requests_per_s"])
@@ -223,7 +258,17 @@ def http_vs_in_process(runs: Sequence[dict[str, Any]], batch_size: int, label: s
             "in_process_requests_per_s": limit and limit["requests_per_s"], "in_process_batch_size": batch_size,
             "ratio": value, "per_round": (paired or {}).get("per_round"), "target": target,
             "meets_target": None if value is None else value >= target,
-            "cpu": cpu_bound_estimate(http, limit)}
+            "cpu": cpu_bound_estimate(http, limit), "against_parallel_loops": _against_parallel(runs, http, paired_parallel)}
+
+
+def _against_parallel(runs: Sequence[dict[str, Any]], http: dict[str, Any] | None,
+                      paired: dict[str, Any] | None) -> dict[str, Any] | None:
+    limit = next((r for r in runs if r["server"] == PARALLEL), None)
+    if limit is None:
+        return None
+    value = (paired or {}).get("median") or ratio(http and http["requests_per_s"], limit["requests_per_s"])
+    return {"loops": limit.get("loops"), "in_process_requests_per_s": limit["requests_per_s"], "ratio": value,
+            "per_round": (paired or {}).get("per_round")}
 
 
 def cpu_bound_estimate(http: dict[str, Any] | None, limit: dict[str, Any] | None,
@@ -495,7 +540,8 @@ def _json_default(value: Any) -> Any:
 
 
 EARLY, STOCK, FULL = "early_exit_http", "stock_torchserve", "full_graph_http"
-STOCK_NO_SPIN = "stock_torchserve_no_spin"  # --stock-no-spin: the explanation of the concurrency-1 figure
+STOCK_NO_SPIN = "stock_torchserve_no_spin"
+PARALLEL = "in_process_parallel"  # one in-process loop per server worker, at once  # --stock-no-spin: the explanation of the concurrency-1 figure
 
 
 def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: Manifest,
@@ -543,11 +589,16 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
     labels = [t.label for t in targets]
     c_high = max(args.concurrency)
     limit = InProcess(folder, manifest)
+    workers = int(model_config.get("minWorkers", 1))
+    parallel = ParallelInProcess(folder, workers) if workers > 1 and c_high > 1 else None
     per: dict[tuple[str, int], list[dict[str, Any]]] = {}
     first: dict[str, list[Call]] = {}
     swept: dict[float, list[Call]] = {}
     checked: dict[str, dict[str, Any]] = {}
-    with servers.serving(targets, work / "servers") as live:
+    with servers.serving(targets, work / "servers") as live, contextlib.ExitStack() as stack:
+        if parallel is not None:
+            stack.callback(parallel.close)
+            parallel.run(bodies[:batch_size * 10], batch_size, threads)  # the children load their handlers
         for label in labels:
             warm_up(live[label], sent[label], args.warmup_seconds)
         for round_ in tqdm(range(args.rounds), desc="bench-serve rounds", unit="round"):
@@ -563,6 +614,8 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
                 run, calls = limit.run(bodies[:n], b, threads)
                 run.update(answer_stats(calls, staged, y[:n]))
                 per.setdefault(("in_process", c), []).append(run)
+                if parallel is not None and c == c_high:
+                    per.setdefault((PARALLEL, c), []).append(parallel.run(bodies, batch_size, threads))
         for label in labels:  # the answers: every test image once through the Python client
             run, first[label] = live[label].run(sent[label], c_high)
             checked[label] = {**run, **answer_stats(first[label], costs[label], y)}
@@ -574,14 +627,16 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
 
     runs = []
     for (label, c), rs in per.items():
-        answers = rs[0] if label == "in_process" else checked[label]
+        answers = rs[0] if label in ("in_process", PARALLEL) else checked[label]
         row = {"server": label, "concurrency": c, **servers.medians(rs),
                **{k: answers.get(k) for k in ("mean_mflops", "accuracy")}}
+        if label == PARALLEL:
+            row.update(loops=rs[0]["loops"], batch_size=batch_size, intra_op_threads=threads)
         if label == "in_process":
             row.update(batch_size=1 if c == 1 else batch_size, intra_op_threads=threads,
                        budget_violations=int(sum(r.get("budget_violations", 0) for r in rs)))
         runs.append(row)
-    order_key = {EARLY: 0, STOCK: 1, STOCK_NO_SPIN: 2, FULL: 3, "in_process": 4}
+    order_key = {EARLY: 0, STOCK: 1, STOCK_NO_SPIN: 2, FULL: 3, "in_process": 4, PARALLEL: 5}
     runs.sort(key=lambda r: (order_key[r["server"]], r["concurrency"]))
     early_runs = [r for r in runs if r["server"] == EARLY]
     stock_runs = [r for r in runs if r["server"] == STOCK]
@@ -599,6 +654,8 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
         row["throughput_ratio_per_round"] = paired_no_spin[row["concurrency"]]["per_round"]
     paired_limit = servers.paired_ratio(per[(EARLY, c_high)], per[("in_process", c_high)]) \
         if c_high > 1 else None
+    paired_parallel = servers.paired_ratio(per[(EARLY, c_high)], per[(PARALLEL, c_high)]) \
+        if (PARALLEL, c_high) in per else None
 
     early_calls = first.get(EARLY, [])
     http_pred = np.array([c.body["class_index"] if c.status == 200 else -1 for c in early_calls])
@@ -643,7 +700,7 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
         "runs": runs,
         "early_exit_vs_stock": vs_stock,
         "early_exit_vs_stock_no_spin": vs_no_spin or None,
-        "http_vs_in_process": http_vs_in_process(runs, batch_size, EARLY, c_high, paired_limit),
+        "http_vs_in_process": http_vs_in_process(runs, batch_size, EARLY, c_high, paired_limit, paired_parallel),
         "accuracy": {
             "http_early_exit": float((http_pred == y).mean()) if len(http_pred) == len(y) else None,
             "offline_same_policy": offline["accuracy"],
@@ -708,6 +765,10 @@ def report(result: dict[str, Any]) -> None:
         print(f"HTTP / in-process at c={h['concurrency']}: {h['ratio']} (per round {h['per_round']}, target {h['target']})"
               + (f"; from CPU time: {h['cpu']['ratio_if_cpu_bound']} ({h['cpu']['http_ms_per_request']} ms per HTTP "
                  f"request, {h['cpu']['in_process_ms_per_request']} ms in process)" if h.get("cpu") else ""))
+        if h.get("against_parallel_loops"):
+            a = h["against_parallel_loops"]
+            print(f"HTTP / {a['loops']} in-process loops at once: {a['ratio']} (per round {a['per_round']}; "
+                  f"{a['in_process_requests_per_s']} req/s in process)")
     pc = result.get("python_client_c16")
     if pc:
         print(f"with the Python client instead of wrk (one pass, c={pc['concurrency']}): early exit / stock "

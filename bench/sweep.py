@@ -23,9 +23,9 @@ MODEL_CONFIG = "model-config.yaml"
 
 @dataclass(frozen=True)
 class Setting:
-    workers: int = 1  # minWorkers = maxWorkers
+    workers: int = 2  # minWorkers = maxWorkers (export.archive.ServeConfig's default)
     batch_size: int = 8  # batchSize
-    max_batch_delay: int = 5  # maxBatchDelay, ms (export.archive.ServeConfig's default)
+    max_batch_delay: int = 2  # maxBatchDelay, ms (export.archive.ServeConfig's default)
     intra_op_threads: int = 1  # handler.intra_op_threads: onnxruntime threads per session
     # config.properties; None keeps the shipped file's value (absent there: TorchServe's default, which for
     # both netty pools is the number of logical CPUs)

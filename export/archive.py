@@ -52,14 +52,15 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_workers: Count = 1
-    max_workers: Count = 1
+    # Workers, batch size and delay from the settings sweep (bench/results/serve-mnist-sweep.json, `make
+    # bench-serve` with --sweep-only, wrk load on a 2-core CPU): 2 workers 1.37x the requests/s of 1 at
+    # concurrency 16; batchSize 16 or 32 lost 25-50%; maxBatchDelay 2 ms 1.06x the requests/s of 5 ms and a
+    # concurrency-1 p50 of 3.2 ms instead of 6 (1 ms: 2.1 ms but 0.95x the requests/s of 5 ms; 10 ms: 0.92x of 2).
+    # onnxruntime threads 2 lost 72%. A deployment on more cores should re-run the sweep there.
+    min_workers: Count = 2
+    max_workers: Count = 2
     batch_size: Count = 8
-    # ms. 1 ms cuts the concurrency-1 p50 from 6.2 to 2.1 ms on a 2-core CPU, but against stock TorchServe
-    # under the same setting it measured 0.95x at concurrency 1 (per round 0.87 to 1.09) and 1.21x at 16,
-    # against 0.995x and 1.27x at 5 ms (bench/results/serve-mnist-delay1.json, serve-mnist.json). A
-    # latency-bound deployment should set 1 (`python -m export ... --max-batch-delay 1`).
-    max_batch_delay: Annotated[int, Field(strict=True, ge=0)] = 5
+    max_batch_delay: Annotated[int, Field(strict=True, ge=0)] = 2  # ms
     response_timeout: Count = 30  # s
     handler: HandlerOptions = HandlerOptions()
 

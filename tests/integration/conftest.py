@@ -133,7 +133,9 @@ def _build_tiny(root: Path) -> TinyModel:
     result = export_checkpoint(ckpt_path, root / "export", MODEL_NAME, "1.0", adv_samples=0, batch_sizes=(1, 5))
     store = root / "model_store"
     mar = build_archive(result.out_dir, store, MODEL_NAME, "1.0", Path(__file__).parents[2] / "serving/handler.py",
-                        serve_config=ServeConfig.from_values(batch_size=8, max_batch_delay=MAX_BATCH_DELAY_MS,
+                        # one worker (the shipped default is 2): the reliability test kills it by its pid
+                        serve_config=ServeConfig.from_values(min_workers=1, max_workers=1, batch_size=8,
+                                                             max_batch_delay=MAX_BATCH_DELAY_MS,
                                                              response_timeout=30,
                                                              handler={**SERVE_OPTIONS, "max_budget_mflops": ceiling}))
     manifest = load_manifest(result.out_dir)

@@ -210,24 +210,27 @@ def test_build_stock_archive(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ sweep
 def test_setting_round_trips_model_config_and_renders_server_keys(tmp_path: Path) -> None:
-    base = {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30,
+    base = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 2, "responseTimeout": 30,
             "handler": {"mode": "early_exit", "intra_op_threads": 1, "top_k": 5}}
     s = sweep.Setting.from_model_config(base)
     assert s == sweep.Setting()
-    assert s.max_batch_delay == ServeConfig().max_batch_delay  # the sweep starts from what export ships
-    other = sweep.Setting(workers=2, batch_size=16, max_batch_delay=2, intra_op_threads=2, netty_threads=1,
+    shipped = ServeConfig()  # the sweep starts from what export ships
+    assert (s.workers, s.batch_size, s.max_batch_delay) == (shipped.min_workers, shipped.batch_size,
+                                                            shipped.max_batch_delay)
+    other = sweep.Setting(workers=1, batch_size=16, max_batch_delay=5, intra_op_threads=2, netty_threads=4,
                           job_queue_size=64)
     config = other.model_config(base)
-    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["maxBatchDelay"]) == (2, 2, 16, 2)
+    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["maxBatchDelay"]) == (1, 1, 16, 5)
     assert config["handler"] == {"mode": "early_exit", "intra_op_threads": 2, "top_k": 5}
     assert config["responseTimeout"] == 30 and base["batchSize"] == 8  # the base is not modified
     assert sweep.Setting.from_model_config(config).batch_size == 16
-    assert other.server_config() == {"number_of_netty_threads": "1", "job_queue_size": "64"}
+    assert other.server_config() == {"number_of_netty_threads": "4", "job_queue_size": "64"}
     assert sweep.Setting().server_config() == {}
-    assert other.label() == "w2-b16-d2-t2-n1-q64"
+    assert other.label() == "w1-b16-d5-t2-n4-q64"
     rendered = render_config(REPO / "serving" / "config.properties", tmp_path / "c.properties", other.server_config())
     lines = rendered.read_text().splitlines()
-    assert "job_queue_size=64" in lines and "job_queue_size=256" not in lines and "number_of_netty_threads=1" in lines
+    assert "job_queue_size=64" in lines and "job_queue_size=256" not in lines
+    assert "number_of_netty_threads=4" in lines and "number_of_netty_threads=1" not in lines
 
 
 def test_handler_options_accept_the_swept_section() -> None:
@@ -276,10 +279,13 @@ class FakeCompare:
         return out
 
 
+ONE_WORKER = sweep.Setting(workers=1, max_batch_delay=5)  # a base the fakes below can improve on
+
+
 def test_coordinate_sweep_walks_axes_against_the_best_so_far() -> None:
     fake = FakeCompare({"workers": {2: 1.5}, "batch_size": {16: 1.03, 32: 1.2}})
     axes = {"workers": (1, 2), "batch_size": (8, 16, 32), "max_batch_delay": (0, 5)}
-    best, rows = sweep.coordinate_sweep(sweep.Setting(max_batch_delay=5), axes, fake, min_gain=0.05)
+    best, rows = sweep.coordinate_sweep(ONE_WORKER, axes, fake, min_gain=0.05)
     assert best == sweep.Setting(workers=2, batch_size=32, max_batch_delay=5)
     # the base's own value of an axis is not measured again; each candidate against the best at that point
     assert [(c.label(), r.label()) for c, r in fake.calls] == [
@@ -309,7 +315,7 @@ def test_settings_sweep_raises_the_bar_to_the_noise_floor() -> None:
         def control(self, base: sweep.Setting) -> dict:
             return {"setting": base.label(), "paired_ratio": {"median": 0.88, "per_round": [0.88]}}
 
-    out = settings_sweep(Noisy({"workers": {2: 1.1}}), sweep.Setting(), {"workers": (1, 2)}, 2, 0.05)
+    out = settings_sweep(Noisy({"workers": {2: 1.1}}), ONE_WORKER, {"workers": (1, 2)}, 2, 0.05)
     assert out["gain_needed"] == 0.12 and not out["rows"][0]["won"] and not out["confirmed"]
 
 
@@ -320,14 +326,14 @@ def test_coordinate_sweep_ignores_gains_below_min_gain() -> None:
 
 
 def test_settings_sweep_confirms_and_recommends() -> None:
-    out = settings_sweep(FakeCompare({"workers": {2: 1.5}}), sweep.Setting(), {"workers": (1, 2)},
+    out = settings_sweep(FakeCompare({"workers": {2: 1.5}}), ONE_WORKER, {"workers": (1, 2)},
                          confirm_rounds=2, min_gain=0.05)
     assert out["confirmed"] and out["best_over_base"] == 1.5 and out["chosen_label"] == "w2-b8-d5-t1"
     assert out["recommended_defaults"] == {"export.archive.ServeConfig": {"min_workers": 2, "max_workers": 2},
                                            "serving/config.properties": {}, "unchanged": False}
     assert out["http_vs_in_process_c16"]["ratio"] == 0.25 and not out["http_vs_in_process_c16"]["meets_target"]
     json.dumps(out)
-    flat = settings_sweep(FakeCompare({}), sweep.Setting(), {"workers": (1, 2)}, 1, 0.05)
+    flat = settings_sweep(FakeCompare({}), ONE_WORKER, {"workers": (1, 2)}, 1, 0.05)
     assert not flat["confirmed"] and flat["recommended_defaults"]["unchanged"]
 
 
@@ -347,8 +353,8 @@ def test_medians_and_paired_ratios_over_rounds() -> None:
 
 
 def test_recommendation_names_config_properties_keys() -> None:
-    rec = sweep.recommendation(sweep.Setting(), sweep.Setting(netty_client_threads=1, max_batch_delay=2))
-    assert rec["export.archive.ServeConfig"] == {"max_batch_delay": 2}
+    rec = sweep.recommendation(sweep.Setting(), sweep.Setting(netty_client_threads=1, max_batch_delay=5))
+    assert rec["export.archive.ServeConfig"] == {"max_batch_delay": 5}
     assert rec["serving/config.properties"] == {"netty_client_threads": "1"}
 
 

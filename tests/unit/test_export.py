@@ -292,7 +292,7 @@ def test_cli_exports_reproducibly(export_of: Callable[[str], tuple[Path, ExportR
     assert json.loads((tmp_path / "p.json").read_text())["robustness"]["skipped"] is True
     with zipfile.ZipFile(out) as z:
         config = yaml.safe_load(z.read("model-config.yaml"))
-    assert config["batchSize"] == 4 and config["handler"]["top_k"] == 2 and config["minWorkers"] == 1
+    assert config["batchSize"] == 4 and config["handler"]["top_k"] == 2 and config["minWorkers"] == 2
     assert main(args) == 2  # the archive exists; no --force
     assert "already exists" in capsys.readouterr().err
 
@@ -317,7 +317,8 @@ def test_archive_is_self_contained(export_of: Callable[[str], tuple[Path, Export
                                    tmp_path: Path) -> None:
     _, result = export_of("smallcnn")
     store = tmp_path / "store"
-    cfg = ServeConfig.from_values(max_workers=2, batch_size=4, handler={"top_k": 2, "max_payload_bytes": 4096})
+    cfg = ServeConfig.from_values(min_workers=1, max_workers=2, batch_size=4, max_batch_delay=5,
+                                  handler={"top_k": 2, "max_payload_bytes": 4096})
     mar = build_archive(result.out_dir, store, handler_path=handler, serve_config=cfg)
     assert mar == store / "test-smallcnn.mar"
     assert [p.name for p in store.iterdir()] == ["test-smallcnn.mar"]  # no staging folder left
