@@ -750,9 +750,9 @@ def report(result: dict[str, Any]) -> None:
     if "accuracy" in result:
         print(json.dumps({k: result[k] for k in ("accuracy", "compute", "budget_violations")}, indent=2))
     for r in result.get("runs", []):
-        print(f"{r['server']:24s} c={r['concurrency']:<3d} {r['requests_per_s']:8.1f} req/s  p50 {r['p50_ms']:7.2f} ms"
-              f"  p99 {r['p99_ms']:7.2f} ms  errors {r['errors']}  MFLOPs {r['mean_mflops']}  (median of "
-              f"{r['rounds']} rounds)")
+        latency = "" if r["p50_ms"] is None else f"  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms"
+        print(f"{r['server']:24s} c={r['concurrency']:<3d} {r['requests_per_s']:8.1f} req/s{latency}  errors "
+              f"{r['errors']}  MFLOPs {r['mean_mflops']}  (median of {r['rounds']} rounds)")
     for key, name in (("early_exit_vs_stock", "stock TorchServe"), ("early_exit_vs_stock_no_spin", "stock, no spin")):
         for row in result.get(key) or []:
             print(f"early exit / {name} at c={row['concurrency']}: {row['throughput_ratio']}x requests/s "
