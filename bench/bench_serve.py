@@ -9,7 +9,10 @@ On an MNIST archive (default model_store/mnist.mar from `make train-export`) and
                         JSON {"instances": [C x H x W floats]} (TorchServe's JSON envelope), answers = logits
   (c) full_graph_http   (a)'s server and archive with handler mode full_graph_only (full.onnx); PNG bodies
   (d) in_process        the same handler called in-process (TorchServe's Context, no HTTP, no frontend):
-                        the staged onnxruntime loop plus decoding, batch 1 and batch = the archive's batchSize
+                        the staged onnxruntime loop plus decoding, batch 1 and batch = the archive's batchSize;
+                        with several workers also as many loops at once, one process each (in_process_parallel)
+  (e) stock_torchserve_no_spin (--stock-no-spin) (b) with onnxruntime's thread-pool spinning off, which explains
+                        most of (b)'s concurrency-1 figure (bench/stock_onnx_no_spin_handler.py)
 at concurrency 1 and 16: requests/s, p50/p99 latency, mean staged MFLOPs per request, CPU per request of the
 client, TorchServe's Java frontend and its Python workers. All servers run at once and get timed bursts in
 interleaved rounds (bench/servers.py); figures are medians over `--rounds`, ratios medians of per-round ratios.
@@ -206,13 +209,13 @@ def _loop_init(folder: str) -> None:
     _LOOP = InProcess(Path(folder), load_manifest(Path(folder)))
 
 
-def _loop_run(bodies: Sequence[bytes], batch_size: int, threads: int) -> tuple[float, float, int, float]:
+def _loop_run(bodies: Sequence[bytes], batch_size: int, threads: int) -> tuple[float, float, int, int, float]:
     """In a child: one InProcess run; its wall-clock start and end (time.time, comparable across processes),
-    rows answered and CPU seconds."""
+    rows answered, errors among them and CPU seconds."""
     assert _LOOP is not None, "_loop_init did not run"
     started = time.time()
     run, calls = _LOOP.run(bodies, batch_size, threads)
-    return started, time.time(), len(calls), run["cpu"]["process_cpu_s"]
+    return started, time.time(), len(calls), run["errors"], run["cpu"]["process_cpu_s"]
 
 
 class ParallelInProcess:
@@ -233,9 +236,9 @@ class ParallelInProcess:
                                       for _ in range(self.loops)]]
         seconds = max(s[1] for s in spans) - min(s[0] for s in spans)
         rows = sum(s[2] for s in spans)
-        return {"loops": self.loops, "requests": rows, "seconds": round(seconds, 3),
+        return {"loops": self.loops, "requests": rows, "errors": sum(s[3] for s in spans), "seconds": round(seconds, 3),
                 "requests_per_s": round(rows / seconds, 1) if seconds > 0 else None,
-                "cpu": {"process_cpu_ms_per_request": round(sum(s[3] for s in spans) * 1000 / max(1, rows), 4)}}
+                "cpu": {"process_cpu_ms_per_request": round(sum(s[4] for s in spans) * 1000 / max(1, rows), 4)}}
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -18,15 +18,20 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
+from export.archive import ServeConfig
+from serving.options import HandlerOptions
+
 MODEL_CONFIG = "model-config.yaml"
+_SHIPPED, _HANDLER = ServeConfig(), HandlerOptions()
 
 
 @dataclass(frozen=True)
 class Setting:
-    workers: int = 2  # minWorkers = maxWorkers (export.archive.ServeConfig's default)
-    batch_size: int = 8  # batchSize
-    max_batch_delay: int = 2  # maxBatchDelay, ms (export.archive.ServeConfig's default)
-    intra_op_threads: int = 1  # handler.intra_op_threads: onnxruntime threads per session
+    # defaults: what export ships (export.archive.ServeConfig, serving.options.HandlerOptions)
+    workers: int = _SHIPPED.min_workers  # minWorkers = maxWorkers
+    batch_size: int = _SHIPPED.batch_size  # batchSize
+    max_batch_delay: int = _SHIPPED.max_batch_delay  # maxBatchDelay, ms
+    intra_op_threads: int = _HANDLER.intra_op_threads  # handler.intra_op_threads: onnxruntime threads per session
     # config.properties; None keeps the shipped file's value (absent there: TorchServe's default, which for
     # both netty pools is the number of logical CPUs)
     netty_threads: int | None = None  # number_of_netty_threads: frontend event loops (HTTP in/out)

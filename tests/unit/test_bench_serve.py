@@ -78,6 +78,29 @@ def test_http_vs_in_process_matches_the_batch_size() -> None:
     assert h["ratio"] == 0.35 and h["meets_target"] is True and h["in_process_batch_size"] == 8
     assert http_vs_in_process(runs, 16)["ratio"] is None
     assert http_vs_in_process(runs, 8, paired={"median": 0.3, "per_round": [0.3]})["meets_target"] is False
+    assert h["against_parallel_loops"] is None  # one worker: no parallel loops measured
+    runs.append({"server": "in_process_parallel", "concurrency": 16, "loops": 2, "requests_per_s": 3500.0})
+    two = http_vs_in_process(runs, 8)
+    assert two["ratio"] == 0.35 and two["against_parallel_loops"] == {
+        "loops": 2, "in_process_requests_per_s": 3500.0, "ratio": 0.2, "per_round": None}
+    paired = http_vs_in_process(runs, 8, paired_parallel={"median": 0.25, "per_round": [0.25]})
+    assert paired["against_parallel_loops"]["ratio"] == 0.25 and paired["meets_target"]  # judged on one loop
+
+
+def test_parallel_in_process_loops_each_answer_every_body(tmp_path: Path) -> None:
+    """The stricter in-process limit: one handler per child process, all at once, on the toy model."""
+    from bench.bench_serve import ParallelInProcess, png_bodies
+    from tests.toy_model import SHAPE, build_model_dir
+
+    build_model_dir(tmp_path)
+    x = np.random.default_rng(0).integers(0, 256, (20, *SHAPE)).astype(np.float32) / 255
+    loops = ParallelInProcess(tmp_path, 2)
+    try:
+        run = loops.run(png_bodies(x), 4, 1)
+    finally:
+        loops.close()
+    assert (run["loops"], run["requests"], run["errors"]) == (2, 40, 0)
+    assert run["requests_per_s"] > 0 and run["cpu"]["process_cpu_ms_per_request"] > 0
 
 
 def test_cpu_bound_estimate() -> None:
