@@ -543,8 +543,8 @@ def _json_default(value: Any) -> Any:
 
 
 EARLY, STOCK, FULL = "early_exit_http", "stock_torchserve", "full_graph_http"
-STOCK_NO_SPIN = "stock_torchserve_no_spin"
-PARALLEL = "in_process_parallel"  # one in-process loop per server worker, at once  # --stock-no-spin: the explanation of the concurrency-1 figure
+STOCK_NO_SPIN = "stock_torchserve_no_spin"  # --stock-no-spin: the explanation of the concurrency-1 figure
+PARALLEL = "in_process_parallel"  # one in-process loop per server worker, at once
 
 
 def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: Manifest,
@@ -642,19 +642,19 @@ def standard_runs(args: argparse.Namespace, work: Path, folder: Path, manifest: 
     order_key = {EARLY: 0, STOCK: 1, STOCK_NO_SPIN: 2, FULL: 3, "in_process": 4, PARALLEL: 5}
     runs.sort(key=lambda r: (order_key[r["server"]], r["concurrency"]))
     early_runs = [r for r in runs if r["server"] == EARLY]
-    stock_runs = [r for r in runs if r["server"] == STOCK]
-    paired_stock = {c: servers.paired_ratio(per[(EARLY, c)], per[(STOCK, c)]) for c in args.concurrency
-                    if (STOCK, c) in per}
-    vs_stock = stock.compare(early_runs, stock_runs, TARGETS["stock_throughput_ratio"],
-                             {c: p["median"] for c, p in paired_stock.items()})
-    for row in vs_stock:
-        row["throughput_ratio_per_round"] = paired_stock[row["concurrency"]]["per_round"]
-    no_spin_runs = [r for r in runs if r["server"] == STOCK_NO_SPIN]
-    paired_no_spin = {c: servers.paired_ratio(per[(EARLY, c)], per[(STOCK_NO_SPIN, c)]) for c in args.concurrency
-                      if (STOCK_NO_SPIN, c) in per}
-    vs_no_spin = stock.compare(early_runs, no_spin_runs, {}, {c: p["median"] for c, p in paired_no_spin.items()})
-    for row in vs_no_spin:
-        row["throughput_ratio_per_round"] = paired_no_spin[row["concurrency"]]["per_round"]
+
+    def against(baseline: str, targets: dict[int, float]) -> list[dict[str, Any]]:
+        """stock.compare of the early-exit server with `baseline`, per concurrency, with per-round ratios."""
+        paired = {c: servers.paired_ratio(per[(EARLY, c)], per[(baseline, c)]) for c in args.concurrency
+                  if (baseline, c) in per}
+        rows = stock.compare(early_runs, [r for r in runs if r["server"] == baseline], targets,
+                             {c: p["median"] for c, p in paired.items()})
+        for row in rows:
+            row["throughput_ratio_per_round"] = paired[row["concurrency"]]["per_round"]
+        return rows
+
+    vs_stock = against(STOCK, TARGETS["stock_throughput_ratio"])
+    vs_no_spin = against(STOCK_NO_SPIN, {})
     paired_limit = servers.paired_ratio(per[(EARLY, c_high)], per[("in_process", c_high)]) \
         if c_high > 1 else None
     paired_parallel = servers.paired_ratio(per[(EARLY, c_high)], per[(PARALLEL, c_high)]) \
