@@ -35,7 +35,7 @@ def calibrated_archive(model: Any, dataset: dict[str, Any], calib_x: Any, calib_
     import torch
 
     from early_exit.manifest import sha256_file
-    from early_exit.policy import BudgetEntry, ConfidenceMeasure
+    from early_exit.policy import NEVER, BudgetEntry, ConfidenceMeasure
     from export.archive import ServeConfig, build_archive
     from export.pipeline import export_checkpoint
     from training.calibrate import (Calibration, ExitOutputs, apply_policy, calibrate_table, calibration_path,
@@ -53,7 +53,7 @@ def calibrated_archive(model: Any, dataset: dict[str, Any], calib_x: Any, calib_
     else:
         table = []
         for k in range(model.num_exits):
-            th = tuple(float(t) for t in thresholds[:k]) + (1.01,) * (model.num_exits - k)
+            th = tuple(float(t) for t in thresholds[:k]) + (NEVER,) * (model.num_exits - k)
             res = apply_policy(outputs, th, k, cost.staged)
             table.append(BudgetEntry(float(cost.staged[k]), k, th, res.accuracy, res.mean_mflops))
     ckpt_path = save_checkpoint(make_checkpoint(model, dataset, config or {"purpose": "benchmark"}), root / "model.pt")

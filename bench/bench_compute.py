@@ -39,12 +39,12 @@ import numpy as np
 
 from bench import servers, wrk
 from bench.common import Call, ratio, result_header, seed_everything
+from early_exit.policy import NEVER
 
 log = logging.getLogger("bench.compute")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 TARGET_EFFICIENCY = 0.7
-NEVER = 1.01
 
 
 def generated_images(n: int, shape: Sequence[int], seed: int) -> np.ndarray:

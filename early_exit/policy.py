@@ -12,6 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+# A threshold above any confidence in [0, 1]: no input ever leaves at an exit that has it.
+NEVER = 1.01
+
 
 class ConfidenceMeasure(str, Enum):
     """How a softmax vector is turned into a single confidence score in [0, 1]."""

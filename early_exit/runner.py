@@ -20,11 +20,10 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from early_exit.manifest import Manifest, ManifestError
-from early_exit.policy import confidence, exit_mask, softmax
+from early_exit.policy import NEVER, confidence, exit_mask, softmax
 
 log = logging.getLogger(__name__)
 
-NEVER = 1.01  # a threshold above any confidence in [0, 1]: no row leaves early
 
 
 class Session(Protocol):
@@ -236,5 +235,3 @@ class FullGraphRunner:
         return RunResult(np.full(n, self.num_exits - 1, dtype=np.int64), p, confidence(p, self.manifest.confidence),
                          np.full(n, self.spec.mflops, dtype=np.float64), None)
 
-
-Runner = StagedRunner | FullGraphRunner

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from early_exit.costs import CostProfile
 from early_exit.manifest import FullGraphSpec, Manifest, exit_specs, sha256_file, write_manifest
-from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, entry_for_budget, select_exits, softmax
+from early_exit.policy import NEVER, BudgetEntry, ConfidenceMeasure, confidence, entry_for_budget, select_exits, softmax
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_YAML = REPO / "serving" / "metrics.yaml"
@@ -24,7 +24,6 @@ CLASSES = ("zero", "one", "two")
 COST = CostProfile(stage_mflops=(0.75, 1.25, 1.25), head_mflops=(0.25, 0.25, 0.25))
 COSTS = COST.staged
 FULL_MFLOPS = COST.full
-NEVER = 1.01
 TABLE = (
     BudgetEntry(1.0, 0, (NEVER, NEVER, NEVER), 0.5, 1.0),
     BudgetEntry(2.5, 1, (0.9, NEVER, NEVER), 0.6, 1.5),

@@ -34,12 +34,11 @@ import numpy as np
 
 from early_exit.costs import CostProfile
 from early_exit.manifest import sha256_file, write_json_atomic
-from early_exit.policy import BudgetEntry, ConfidenceMeasure, confidence, select_exits, softmax
+from early_exit.policy import NEVER, BudgetEntry, ConfidenceMeasure, confidence, select_exits, softmax
 
 CALIBRATION_NAME = "calibration.json"
 CALIBRATION_FORMAT = 1
 
-NEVER = 1.01  # above any confidence in [0, 1]: nobody leaves at this exit
 
 
 @dataclass(frozen=True)
