@@ -20,7 +20,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Annotated, Any, Sequence
+from typing import Annotated, Any, ClassVar, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -52,11 +52,9 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Workers, batch size and delay from the settings sweep (bench/results/serve-mnist-sweep.json, `make
-    # bench-serve` with --sweep-only, wrk load on a 2-core CPU): 2 workers 1.37x the requests/s of 1 at
-    # concurrency 16; batchSize 16 or 32 lost 25-50%; maxBatchDelay 2 ms 1.06x the requests/s of 5 ms and a
-    # concurrency-1 p50 of 3.2 ms instead of 6 (1 ms: 2.1 ms but 0.95x the requests/s of 5 ms; 10 ms: 0.92x of 2).
-    # onnxruntime threads 2 lost 72%. A deployment on more cores should re-run the sweep there.
+    # Workers, batch size, delay and onnxruntime threads are the settings sweep's choice on a 2-core CPU (`make
+    # bench-serve` with --sweep-only; its figures: bench/results/serve-mnist-sweep.json). A deployment on more
+    # cores should re-run the sweep there.
     min_workers: Count = 2
     max_workers: Count = 2
     batch_size: Count = 8
@@ -80,20 +78,63 @@ class ServeConfig(BaseModel):
         except ValidationError as exc:
             raise ExportError(validation_message(exc, "model-config.yaml")) from None
 
+    # TorchServe's key in model-config.yaml for each field but `handler` (which keeps its name).
+    _YAML_KEYS: ClassVar[dict[str, str]] = {
+        "min_workers": "minWorkers",
+        "max_workers": "maxWorkers",
+        "batch_size": "batchSize",
+        "max_batch_delay": "maxBatchDelay",
+        "response_timeout": "responseTimeout",
+    }
+
     def to_yaml_dict(self) -> dict[str, Any]:
-        return {
-            "minWorkers": self.min_workers,
-            "maxWorkers": self.max_workers,
-            "batchSize": self.batch_size,
-            "maxBatchDelay": self.max_batch_delay,
-            "responseTimeout": self.response_timeout,
-            "handler": self.handler.to_config(),
-        }
+        """model-config.yaml as a mapping: TorchServe's keys, then the `handler:` section (plain types)."""
+        return {**{key: getattr(self, name) for name, key in self._YAML_KEYS.items()},
+                "handler": self.handler.to_config()}
+
+    def to_yaml(self) -> str:
+        """model-config.yaml's text."""
+        return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml_dict(cls, doc: Any) -> "ServeConfig":
+        """The inverse of `to_yaml_dict`: a parsed model-config.yaml back into the validated config.
+
+        Every TorchServe key must be there: TorchServe fills a missing one with its own default, not this
+        class's, so reading it as ours would misstate what is served. The `handler:` section, or any key of
+        it, may be left out: the handler fills those from HandlerOptions, as here. Raises ExportError (one
+        line) when `doc` is not a mapping, lacks a TorchServe key, holds an unknown key or an invalid value.
+        """
+        if not isinstance(doc, dict):
+            raise ExportError(f"{MODEL_CONFIG_NAME}: expected a mapping, got {type(doc).__name__}")
+        names = {key: name for name, key in cls._YAML_KEYS.items()}
+        unknown = sorted(str(k) for k in doc if k not in names and k != "handler")
+        missing = [key for key in names if key not in doc]
+        if unknown or missing:
+            raise ExportError(f"{MODEL_CONFIG_NAME}: "
+                              + "; ".join([f"unknown key {k}" for k in unknown] + [f"{k} missing" for k in missing]))
+        return cls.from_values(handler=doc.get("handler"), **{names[k]: v for k, v in doc.items() if k in names})
+
+    @classmethod
+    def from_yaml(cls, text: str | bytes) -> "ServeConfig":
+        """model-config.yaml's text (e.g. read out of a .mar) -> the config; ExportError as `from_yaml_dict`,
+        or when the text is not YAML."""
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ExportError(f"{MODEL_CONFIG_NAME}: not YAML ({str(exc).splitlines()[0]})") from None
+        return cls.from_yaml_dict(doc)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ServeConfig":
+        """A model-config.yaml file (as `write_model_config` writes it) -> the config. OSError when the file
+        cannot be read, ExportError as `from_yaml`."""
+        return cls.from_yaml(Path(path).read_bytes())
 
 
 def write_model_config(config: ServeConfig, folder: str | Path) -> Path:
     path = Path(folder) / MODEL_CONFIG_NAME
-    path.write_text(yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    path.write_text(config.to_yaml())
     return path
 
 
