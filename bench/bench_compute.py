@@ -26,20 +26,21 @@ which other jobs on a shared machine disturb less. Writes bench/results/serve-co
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from bench import servers, wrk
-from bench.common import Call, ratio, result_header, seed_everything
+from bench.archives import full_graph_archive, unpack
+from bench.common import Call, png_bodies, ratio, result_header
+from bench.inprocess import forced_exit_rates
 from early_exit.policy import NEVER
+from training.train import seed_everything
 
 log = logging.getLogger("bench.compute")
 REPO = Path(__file__).resolve().parents[1]
@@ -51,18 +52,6 @@ def generated_images(n: int, shape: Sequence[int], seed: int) -> np.ndarray:
     """n x C x H x W float32 with k/255 values (8-bit PNG round-trips them exactly)."""
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, size=(n, *shape), dtype=np.uint8).astype(np.float32) / 255.0)
-
-
-def png_bodies(x: np.ndarray) -> list[bytes]:
-    from PIL import Image
-
-    out = []
-    for img in x:
-        pixels = (np.transpose(img, (1, 2, 0)) * 255).round().astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 def efficiency(time_exit: float | None, time_full: float | None, flops_exit: float, flops_full: float
@@ -114,43 +103,18 @@ def build(args: argparse.Namespace, root: Path) -> Path:
     return built.mar
 
 
-def in_process(folder: Path, manifest: Any, x: np.ndarray, batch: int, threads: int, rounds: int
-               ) -> dict[str, Any]:
-    """Rows/s of the staged runner capped at each exit and of the full-graph runner (onnxruntime only)."""
-    from early_exit.runner import FullGraphRunner, StagedRunner
-
-    staged = StagedRunner.from_folder(manifest, folder, threads)
-    full = FullGraphRunner.from_folder(manifest, folder, threads)
-    k = manifest.num_exits
-
-    def rate(fn: Any) -> float:
-        fn(x[:batch])  # first-run allocations
-        started = time.perf_counter()
-        for i in range(0, len(x), batch):
-            fn(x[i:i + batch])
-        return len(x) / (time.perf_counter() - started)
-
-    out: dict[str, list[float]] = {"full": []}
-    for _ in range(rounds):
-        out["full"].append(rate(lambda b: full.run(b)))
-        for e in range(k):
-            out.setdefault(str(e + 1), []).append(rate(lambda b, e=e: staged.run(b, np.full(k, NEVER), e)))
-    return {key: {"rows_per_s": round(float(np.median(v)), 1), "per_round": [round(r, 1) for r in v]}
-            for key, v in out.items()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.bench_compute", description=__doc__.splitlines()[0])
     p.add_argument("--blocks-per-stage", type=int, default=3, help="resnet_me depth: 3 = ResNet-20, 6 = ResNet-38")
     p.add_argument("--width", type=int, default=64,
-                   help="channels of the first stage (default 64, ~1.4 GFLOPs, ~5.5 ms of onnxruntime per image on "
-                        "this CPU; at resnet_me's own 16 an image costs ~0.6 ms, less than the ~1-1.5 ms of CPU "
-                        "HTTP + TorchServe spend per request, so compute would not dominate)")
+                   help="channels of the first stage: wide enough that an image's compute outweighs the CPU that "
+                        "HTTP and TorchServe spend per request (at resnet_me's own 16 it does not); the result "
+                        "records the MFLOPs per exit")
     p.add_argument("--images", type=int, default=512, help="generated images sent per concurrency-16 burst")
     p.add_argument("--c1-requests", type=int, default=100, help="requests per concurrency-1 burst")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians are reported)")
     p.add_argument("--warmup-seconds", type=float, default=3.0,
-                   help="wrk load per server before measuring (JIT warm-up; bench.bench_serve.warm_up)")
+                   help="wrk load per server before measuring (JIT warm-up; bench.servers.Running.warm_up)")
     p.add_argument("--batch-size", type=int, help="batchSize (default: export.archive.ServeConfig's)")
     p.add_argument("--max-batch-delay", type=int, help="maxBatchDelay ms (default: ServeConfig's)")
     p.add_argument("--workers", type=int, help="min = max workers (default: ServeConfig's)")
@@ -176,20 +140,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     seed_everything(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench-compute-"))
     try:
-        from bench.bench_serve import full_graph_archive, unpack, warm_up
-
         mar = build(args, work / "build")
         folder = work / "model"
-        manifest, model_config = unpack(mar, folder)
+        manifest, config = unpack(mar, folder)
         staged = manifest.staged_mflops
         full_mflops = manifest.full_graph.mflops
         x = generated_images(args.images, manifest.input_shape, args.seed + 1)
         bodies = png_bodies(x)
         c1_bodies = bodies[:min(args.c1_requests, len(bodies))]
-        threads = int((model_config.get("handler") or {}).get("intra_op_threads", 1))
-        batch = int(model_config.get("batchSize", 1))
+        threads, batch = config.handler.intra_op_threads, config.batch_size
 
-        compute = in_process(folder, manifest, x, batch, threads, args.rounds)
+        compute = forced_exit_rates(folder, manifest, x, batch, threads, args.rounds)
         targets = [servers.Target("early_exit", mar),
                    servers.Target("full_graph", full_graph_archive(mar, work / "full-archive" / mar.name))]
         forced = [("full_graph", None)] + [(str(k + 1), k) for k in range(manifest.num_exits)]
@@ -199,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with servers.serving(targets, work / "servers") as live:
             early, full = live["early_exit"], live["full_graph"]
             for running in (early, full):
-                warm_up(running, bodies, args.warmup_seconds)
+                running.warm_up(bodies, args.warmup_seconds)
             for round_ in range(args.rounds):
                 for label, k in (forced if round_ % 2 == 0 else list(reversed(forced))):
                     server = full if k is None else early
@@ -260,9 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "calibration": "every threshold 1.01: no exit fires early; the budget header forces the cap"},
             "settings": {"images": len(bodies), "c1_requests": len(c1_bodies), "rounds": args.rounds,
                          "input": "generated RGB 32x32 8-bit PNG (seed + 1), token auth on, loopback",
-                         "batch_size": batch, "max_batch_delay_ms": model_config.get("maxBatchDelay"),
-                         "workers": model_config.get("minWorkers"), "intra_op_threads": threads,
-                         "handler_options": model_config.get("handler"),
+                         "batch_size": batch, "max_batch_delay_ms": config.max_batch_delay,
+                         "workers": config.min_workers, "intra_op_threads": threads,
+                         "handler_options": config.handler.to_config(),
                          "note": "client threads and both TorchServe instances share this machine's cores"},
             "target": {"efficiency_at_c16": TARGET_EFFICIENCY,
                        "min_efficiency_at_c16": min((r["http_c16"]["efficiency"] for r in applicable

@@ -1,12 +1,12 @@
-"""What every benchmark shares: the result header (machine, versions, seed, time), the HTTP load generator and
-the pure summaries of its calls (requests/s, latency percentiles, ratios)."""
+"""What every benchmark shares: the result header (machine, versions, seed, time), the request bodies, the HTTP
+load generator and the pure summaries of its calls (requests/s, latency percentiles, ratios)."""
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import logging
 import os
 import platform
-import random
 import resource
 import threading
 import time
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from PIL import Image
 
 log = logging.getLogger("bench.common")
 
@@ -58,17 +59,6 @@ def now() -> str:
 SERVE_PACKAGES = ("onnxruntime", "torchserve", "torch-model-archiver", "torch", "numpy", "pillow")
 
 
-def seed_everything(seed: int) -> None:
-    """Python, numpy and (when imported) torch generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is always installed here
-        return
-    torch.manual_seed(seed)
-
-
 def result_header(benchmark: str, seed: int, note: str = "", packages: Sequence[str] = SERVE_PACKAGES
                   ) -> dict[str, Any]:
     """The first keys of every result JSON: what ran, when, where, with which versions and seed."""
@@ -76,9 +66,24 @@ def result_header(benchmark: str, seed: int, note: str = "", packages: Sequence[
             "versions": versions(*packages)}
 
 
+# ------------------------------------------------------------------------------------------------ bodies
+def png_bodies(x: np.ndarray) -> list[bytes]:
+    """One 8-bit PNG per image of `x` (N x C x H x W float, C = 1 grey or 3 RGB, values k/255 in [0, 1]): decoding
+    a body gives back its image exactly, so a server is sent precisely the pixels the offline runs see."""
+    out = []
+    for img in x:
+        pixels = (np.transpose(img, (1, 2, 0)) * 255).round().astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
 # --------------------------------------------------------------------------------------------- HTTP load
 @dataclass
 class Call:
+    """One request: its HTTP status (None when the connection failed), latency in seconds and answer JSON."""
+
     status: int | None
     latency_s: float
     body: dict[str, Any] | None
@@ -181,6 +186,7 @@ def children_of(pid: int) -> list[int]:
 
 
 def self_cpu_seconds() -> float:
+    """user + system CPU seconds this process has used so far (every thread)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 

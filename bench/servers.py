@@ -79,6 +79,14 @@ class Running:
         run["cpu"] = per_request(cpu.result, run["requests"])
         return run
 
+    def warm_up(self, bodies: Sequence[bytes], seconds: float) -> None:
+        """`seconds` of bursts (cycling through `bodies`) at concurrency 16, then a fifth as long (at least 1 s)
+        at concurrency 1, unmeasured: the frontend's JIT compiles during the first thousands of requests."""
+        if seconds <= 0 or not bodies:
+            return
+        self.burst(bodies, 16, seconds)
+        self.burst(bodies, 1, max(1.0, seconds / 5))
+
     def _files(self, bodies: Sequence[bytes]) -> wrk.BodyFiles:
         if id(bodies) not in self._body_files:
             folder = self.server.state_dir / "wrk" / str(len(self._body_files))

@@ -26,9 +26,10 @@ from typing import Any, Sequence
 import numpy as np
 import yaml
 
+from export.archive import MODEL_CONFIG_NAME, ServeConfig
+
 HANDLER = Path(__file__).resolve().parent / "stock_onnx_handler.py"
 NO_SPIN_HANDLER = Path(__file__).resolve().parent / "stock_onnx_no_spin_handler.py"  # --stock-no-spin
-MODEL_CONFIG = "model-config.yaml"
 # The keys of model-config.yaml both servers share; the early-exit `handler:` section is ours alone.
 SHARED_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout")
 # TorchServe's defaults for a tensor model, over our config.properties (which hands raw bytes to our handler).
@@ -37,17 +38,17 @@ INPUT_FORM = ('JSON {"instances": [C x H x W nested list of floats in [0, 1]]} (
               "decode_input_request=true); the same pixels as the PNG the early-exit server gets")
 
 
-def stock_model_config(early_exit_config: dict[str, Any]) -> dict[str, Any]:
+def stock_model_config(early_exit_config: ServeConfig) -> dict[str, Any]:
     """The stock archive's model-config.yaml: the early-exit archive's TorchServe keys, nothing else."""
-    return {k: early_exit_config[k] for k in SHARED_KEYS if k in early_exit_config}
+    return {k: v for k, v in early_exit_config.to_yaml_dict().items() if k in SHARED_KEYS}
 
 
-def build_stock_archive(full_onnx: Path, early_exit_config: dict[str, Any], out_dir: Path, name: str,
+def build_stock_archive(full_onnx: Path, early_exit_config: ServeConfig, out_dir: Path, name: str,
                         handler: Path = HANDLER) -> Path:
     """`torch-model-archiver --serialized-file full.onnx --handler stock_onnx_handler.py` into out_dir/name.mar."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stock-mar-") as tmp:
-        config = Path(tmp) / MODEL_CONFIG
+        config = Path(tmp) / MODEL_CONFIG_NAME
         config.write_text(yaml.safe_dump(stock_model_config(early_exit_config), sort_keys=False))
         cmd = [sys.executable, "-m", "model_archiver.model_packaging", "--model-name", name, "--version", "1.0",
                "--serialized-file", str(full_onnx), "--handler", str(handler), "--config-file", str(config),
@@ -59,7 +60,24 @@ def build_stock_archive(full_onnx: Path, early_exit_config: dict[str, Any], out_
     return out_dir / f"{name}.mar"
 
 
+def describe(serialized_file: str, early_exit_config: ServeConfig, no_spin_label: str | None) -> dict[str, Any]:
+    """The result's description of the stock baseline; `no_spin_label`: the run label of the no-spin variant when
+    it is served too."""
+    return {
+        "handler": "bench/stock_onnx_handler.py: BaseHandler with inference = session.run (base_handler alone "
+                   "fails: 'InferenceSession' object is not callable)",
+        "serialized_file": serialized_file, "model_config": stock_model_config(early_exit_config),
+        "server_config_over_ours": SERVER_CONFIG, "input": INPUT_FORM,
+        "onnxruntime_intra_op_threads": "psutil.cpu_count(logical=True) (BaseHandler's setup_ort_session)",
+        "answer": '{"predictions": [[logits]]}; class = argmax',
+        "no_spin_variant": None if no_spin_label is None else (
+            f"{no_spin_label}: bench/stock_onnx_no_spin_handler.py, the same with onnxruntime's "
+            "session.intra_op.allow_spinning=0"),
+    }
+
+
 def extract_full_graph(archive: Path, out: Path, file: str = "full.onnx") -> Path:
+    """The archive's entry `file` written to `out`."""
     with zipfile.ZipFile(archive) as z:
         out.write_bytes(z.read(file))
     return out

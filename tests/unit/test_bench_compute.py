@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.bench_compute import (build_parser, check_answers, cpu_per_request, efficiency, generated_images,
-                                 png_bodies)
-from bench.common import Call
+from bench.bench_compute import build_parser, check_answers, cpu_per_request, efficiency, generated_images
+from bench.common import Call, png_bodies
 from serving.decoding import InputSpec, decode_request
 
 

@@ -1,5 +1,6 @@
-"""The pure parts of the serving benchmarks: summaries, the stock baseline's archive and bodies, the settings
-sweep's config building and search (with a fake measurement), the result header. No server is started."""
+"""The pure parts of the serving benchmarks: summaries, the HTTP / in-process analysis, the stock baseline's archive
+and bodies, the settings sweep's config building and search (with a fake measurement), the result header; the
+in-process loops on the toy model. No server is started."""
 from __future__ import annotations
 
 import json
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
-from bench import common, servers, stock, sweep
-from bench.bench_serve import (build_parser, cpu_bound_estimate, http_vs_in_process, settings_sweep, summarize,
-                               violations)
+from bench import archives, common, servers, stock, sweep
+from bench.answers import summarize, violations
+from bench.bench_serve import build_parser
 from bench.common import Call
+from bench.overhead import Run, cpu_bound_estimate, http_vs_in_process
+from bench.sweep import settings_sweep
 from export.archive import ServeConfig
 from serving.server import render_config
 
@@ -55,6 +58,37 @@ def test_cpu_accounting_reads_this_process() -> None:
     assert common.process_cpu_seconds([2 ** 30]) == {}  # a pid that does not exist is left out
 
 
+def test_seed_everything_seeds_python_numpy_and_torch() -> None:
+    """The benchmarks seed through training.train.seed_everything: all three generators repeat."""
+    import random
+
+    import torch
+
+    from training.train import seed_everything
+
+    def draw() -> tuple:
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    seed_everything(5)
+    first = draw()
+    seed_everything(5)
+    assert draw() == first
+    seed_everything(6)
+    assert all(a != b for a, b in zip(draw(), first))
+
+
+def test_png_bodies_decode_to_exactly_the_images() -> None:
+    """Grey and RGB: the handler's decoder gives back the k/255 pixels the offline runs see."""
+    from serving.decoding import InputSpec, decode_request
+
+    rng = np.random.default_rng(0)
+    for shape in ((1, 4, 4), (3, 4, 4)):
+        x = rng.integers(0, 256, (3, *shape)).astype(np.float32) / 255
+        for body, img in zip(common.png_bodies(x), x):
+            decoded = decode_request({"body": body}, {"Content-Type": "image/png"}, InputSpec(shape, 0.0, 1 << 20, 64))
+            assert np.array_equal(decoded.x, img)
+
+
 # -------------------------------------------------------------------------------------------- summaries
 def test_summarize_counts_errors_accuracy_and_violations() -> None:
     calls = [Call(200, 0.01, _answer(1, cls=3)), Call(200, 0.02, _answer(3, cls=4)), Call(400, 0.005, {"error": "x"}),
@@ -89,7 +123,8 @@ def test_http_vs_in_process_matches_the_batch_size() -> None:
 
 def test_parallel_in_process_loops_each_answer_every_body(tmp_path: Path) -> None:
     """The stricter in-process limit: one handler per child process, all at once, on the toy model."""
-    from bench.bench_serve import ParallelInProcess, png_bodies
+    from bench.common import png_bodies
+    from bench.inprocess import ParallelInProcess
     from tests.toy_model import SHAPE, build_model_dir
 
     build_model_dir(tmp_path)
@@ -111,11 +146,91 @@ def test_cpu_bound_estimate() -> None:
     assert cpu_bound_estimate({}, limit) is None and cpu_bound_estimate(http, None) is None
 
 
+def _inputs(tmp_path: Path, manifest: object = None, x: np.ndarray | None = None, y: np.ndarray | None = None,
+            concurrency: tuple[int, ...] = (1, 16)) -> "bench_serve.Inputs":
+    import argparse
+
+    from bench import bench_serve
+
+    x = np.zeros((0, 1, 4, 4), np.float32) if x is None else x
+    return bench_serve.Inputs(argparse.Namespace(concurrency=list(concurrency)), tmp_path, tmp_path, manifest,
+                              ServeConfig(), x, np.zeros(0, np.int64) if y is None else y, [])
+
+
+def test_summarize_runs_orders_rows_and_pairs_rounds(tmp_path: Path) -> None:
+    from bench.bench_serve import Measured, summarize_runs
+
+    def rounds(*rates: float) -> list:
+        return [{"requests": 10, "requests_per_s": r, "p50_ms": 1.0, "p99_ms": 2.0, "errors": 0} for r in rates]
+
+    measured = Measured(rounds={(Run.IN_PROCESS, 16): [{**r, "budget_violations": 1} for r in rounds(1000.0, 1000.0)],
+                                (Run.STOCK, 16): rounds(100.0, 200.0), (Run.EARLY, 16): rounds(300.0, 300.0),
+                                (Run.EARLY, 1): rounds(50.0, 60.0), (Run.STOCK, 1): rounds(50.0, 40.0)},
+                        answer_runs={Run.EARLY: {"requests_per_s": 250.0, "mean_mflops": 2.0, "accuracy": 0.9},
+                                     Run.STOCK: {"requests_per_s": 125.0, "mean_mflops": 9.0, "accuracy": 0.8}})
+    out = summarize_runs(_inputs(tmp_path), measured)
+    assert [(r["server"], r["concurrency"]) for r in out["runs"]] == [
+        (Run.EARLY, 1), (Run.EARLY, 16), (Run.STOCK, 1), (Run.STOCK, 16), (Run.IN_PROCESS, 16)]
+    early16 = out["runs"][1]
+    assert (early16["requests_per_s"], early16["mean_mflops"], early16["accuracy"]) == (300.0, 2.0, 0.9)
+    limit = out["runs"][-1]
+    assert (limit["batch_size"], limit["budget_violations"]) == (ServeConfig().batch_size, 2)
+    vs = {r["concurrency"]: r for r in out["early_exit_vs_stock"]}
+    assert vs[16]["throughput_ratio"] == 2.25 and vs[16]["throughput_ratio_per_round"] == [3.0, 1.5]
+    assert vs[1]["meets_target"] is True and vs[16]["meets_target"] is True
+    assert out["early_exit_vs_stock_no_spin"] is None
+    assert out["http_vs_in_process"]["ratio"] == 0.3 and out["http_vs_in_process"]["per_round"] == [0.3, 0.3]
+    assert out["python_client_c16"]["early_exit_vs_stock"] == 2.0
+    json.dumps(out)
+
+
+def test_check_compares_http_answers_with_the_offline_runners(tmp_path: Path) -> None:
+    """On the toy model: answers equal to the staged (and full-graph) runners' count as agreeing, one changed
+    answer is found, budget rows judge each budget against its own offline policy."""
+    from bench.bench_serve import Measured, check
+    from tests.toy_model import COSTS, FULL_MFLOPS, _weights, build_model_dir, reference
+
+    manifest = build_model_dir(tmp_path)
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (40, 1, 4, 4)).astype(np.float32) / 255
+    y = rng.integers(0, 3, 40)
+
+    def answers(budget: float, n: int) -> list:
+        exits, classes = reference(x[:n], budget)
+        return [Call(200, 0.0, {"class_index": int(c), "exit_index": int(e) + 1, "mflops_spent": COSTS[e],
+                                "budget_mflops": budget}) for e, c in zip(exits, classes)]
+
+    full_pred = (x.reshape(40, -1) @ _weights()[-1]).argmax(-1)  # full.onnx is the last exit's graph
+    stock = [Call(200, 0.0, {"class_index": int(c), "exit_index": 3, "mflops_spent": FULL_MFLOPS,
+                             "budget_mflops": float("inf")}) for c in full_pred]
+    early = answers(manifest.default_budget_mflops, 40)
+    measured = Measured(answers={Run.EARLY: early, Run.STOCK: stock},
+                        budget_calls={1.0: answers(1.0, 10), 2.5: answers(2.5, 10)})
+    inp = _inputs(tmp_path, manifest, x, y)
+    out = check(inp, measured)
+    acc = out["accuracy"]
+    assert (acc["answers_differing_from_offline"], acc["exits_differing_from_offline"]) == (0, 0)
+    assert acc["stock_answers_differing_from_offline_full_graph"] == 0
+    assert acc["http_early_exit"] == acc["offline_same_policy"] and acc["http_full_graph"] is None
+    assert sum(acc["offline_exit_histogram"]) == 40
+    assert out["compute"]["full_network_mflops"] == FULL_MFLOPS
+    assert out["compute"]["mean_mflops_per_request_http"] == pytest.approx(out["compute"]["mean_mflops_offline"])
+    assert [(r["budget_mflops"], r["answers_differing"], r["budget_violations"]) for r in out["budget_sweep"]] == [
+        (1.0, 0, 0), (2.5, 0, 0)]
+    assert out["budget_sweep"][0]["max_exit_used"] == 1  # budget 1.0 affords exit 1 only
+    early[0] = Call(200, 0.0, {**early[0].body, "class_index": (early[0].body["class_index"] + 1) % 3})
+    measured.budget_calls[1.0][1] = Call(503, 0.0, None)
+    out = check(inp, measured)
+    assert out["accuracy"]["answers_differing_from_offline"] == 1
+    assert out["budget_sweep"][0]["answers_differing"] == 1 and out["budget_sweep"][0]["errors"] == 1
+
+
 # ------------------------------------------------------------------------------------------------ stock
 def test_stock_model_config_keeps_only_torchserve_keys() -> None:
-    ours = {"minWorkers": 1, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30,
-            "handler": {"mode": "early_exit"}}
-    assert stock.stock_model_config(ours) == {k: v for k, v in ours.items() if k != "handler"}
+    ours = ServeConfig.from_values(min_workers=1, max_workers=2, batch_size=8, max_batch_delay=5, response_timeout=30,
+                                   handler={"mode": "early_exit"})
+    assert stock.stock_model_config(ours) == {"minWorkers": 1, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5,
+                                              "responseTimeout": 30}
 
 
 def test_stock_json_bodies_carry_exactly_the_pixels() -> None:
@@ -221,20 +336,21 @@ def test_no_spin_variant_reopens_the_session_with_spinning_off(tmp_path: Path) -
 def test_build_stock_archive(tmp_path: Path) -> None:
     graph = tmp_path / "full.onnx"
     graph.write_bytes(b"not really onnx: the archiver only copies it")
-    mar = stock.build_stock_archive(graph, {"batchSize": 8, "maxBatchDelay": 5, "minWorkers": 1, "maxWorkers": 1,
-                                            "handler": {"mode": "early_exit"}}, tmp_path / "out", "m_stock")
+    ours = ServeConfig.from_values(batch_size=8, max_batch_delay=5, min_workers=1, max_workers=1,
+                                   handler={"mode": "early_exit"})
+    mar = stock.build_stock_archive(graph, ours, tmp_path / "out", "m_stock")
     with zipfile.ZipFile(mar) as z:
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
         config = yaml.safe_load(z.read(manifest["configFile"]))
         assert manifest["serializedFile"] == "full.onnx" and manifest["handler"] == "stock_onnx_handler.py"
         assert z.read("stock_onnx_handler.py") == stock.HANDLER.read_bytes()
-    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5}
+    assert config == {"minWorkers": 1, "maxWorkers": 1, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30}
 
 
 # ------------------------------------------------------------------------------------------------ sweep
 def test_setting_round_trips_model_config_and_renders_server_keys(tmp_path: Path) -> None:
-    base = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 2, "responseTimeout": 30,
-            "handler": {"mode": "early_exit", "intra_op_threads": 1, "top_k": 5}}
+    base = ServeConfig.from_values(min_workers=2, max_workers=2, batch_size=8, max_batch_delay=2, response_timeout=30,
+                                   handler={"mode": "early_exit", "intra_op_threads": 1, "top_k": 3})
     s = sweep.Setting.from_model_config(base)
     assert s == sweep.Setting()
     shipped = ServeConfig()  # the sweep starts from what export ships
@@ -243,9 +359,9 @@ def test_setting_round_trips_model_config_and_renders_server_keys(tmp_path: Path
     other = sweep.Setting(workers=1, batch_size=16, max_batch_delay=5, intra_op_threads=2, netty_threads=4,
                           job_queue_size=64)
     config = other.model_config(base)
-    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["maxBatchDelay"]) == (1, 1, 16, 5)
-    assert config["handler"] == {"mode": "early_exit", "intra_op_threads": 2, "top_k": 5}
-    assert config["responseTimeout"] == 30 and base["batchSize"] == 8  # the base is not modified
+    assert (config.min_workers, config.max_workers, config.batch_size, config.max_batch_delay) == (1, 1, 16, 5)
+    assert config.handler == base.handler.model_copy(update={"intra_op_threads": 2})  # top_k 3 etc. kept
+    assert config.response_timeout == 30 and base.batch_size == 8  # the base is not modified
     assert sweep.Setting.from_model_config(config).batch_size == 16
     assert other.server_config() == {"number_of_netty_threads": "4", "job_queue_size": "64"}
     assert sweep.Setting().server_config() == {}
@@ -259,7 +375,7 @@ def test_setting_round_trips_model_config_and_renders_server_keys(tmp_path: Path
 def test_handler_options_accept_the_swept_section() -> None:
     from serving.options import HandlerOptions
 
-    section = sweep.Setting(intra_op_threads=2).model_config({"handler": HandlerOptions().to_config()})["handler"]
+    section = sweep.Setting(intra_op_threads=2).model_config(ServeConfig()).to_yaml_dict()["handler"]
     assert HandlerOptions.from_config(section).intra_op_threads == 2
 
 
@@ -384,13 +500,18 @@ def test_recommendation_names_config_properties_keys() -> None:
 def test_rewrite_model_config_changes_only_that_entry(tmp_path: Path) -> None:
     src = tmp_path / "a.mar"
     with zipfile.ZipFile(src, "w") as z:
-        z.writestr("model-config.yaml", yaml.safe_dump({"batchSize": 8, "handler": {"mode": "early_exit"}}))
+        z.writestr("model-config.yaml", ServeConfig.from_values(batch_size=8, handler={"mode": "early_exit"}).to_yaml())
         z.writestr("stage_1.onnx", b"\x00graph")
-    out = sweep.rewrite_model_config(src, tmp_path / "b" / "a.mar", sweep.Setting(batch_size=4).model_config)
+    out = archives.rewrite_model_config(src, tmp_path / "b" / "a.mar", sweep.Setting(batch_size=4).model_config)
     with zipfile.ZipFile(out) as z:
         assert z.read("stage_1.onnx") == b"\x00graph"
         config = yaml.safe_load(z.read("model-config.yaml"))
     assert config["batchSize"] == 4 and config["handler"]["mode"] == "early_exit"
+    full = archives.full_graph_archive(src, tmp_path / "c" / "a.mar")
+    with zipfile.ZipFile(full) as z:
+        served = ServeConfig.from_yaml(z.read("model-config.yaml"))
+        assert z.read("stage_1.onnx") == b"\x00graph"
+    assert served.handler.mode.value == "full_graph_only" and served.batch_size == 8
 
 
 def test_cli_parses_the_sweep_options() -> None:
