@@ -2,7 +2,7 @@
 
 bench/stock_onnx_handler.py keeps BaseHandler's session (intra_op_num_threads = the logical CPU count, and
 onnxruntime's default `session.intra_op.allow_spinning=1`): between requests its pool threads busy-wait for
-work, so at concurrency 1 the stock worker burns about a core while it waits out maxBatchDelay. This handler
+work, so at concurrency 1 the stock worker burns CPU while it waits out maxBatchDelay. This handler
 is the same one with the session reopened with spinning off (`make bench-serve` with `--stock-no-spin`), to
 measure what that busy-waiting buys the stock server's latency.
 """

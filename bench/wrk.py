@@ -1,12 +1,13 @@
 """Timed load bursts with wrk (https://github.com/wg/wrk, Debian package `wrk`), the benchmarks' load generator.
 
-Why not this project's Python client for timing: on a 2-core machine the load generator shares the cores with the
-server, and 16 Python threads with http.client cost ~0.19 ms of CPU per request, two thirds of what the server
-itself spends (bench/results/serve-mnist.json, `python_client_c16`; wrk: ~0.01 ms). That CPU is billed to the server as "HTTP overhead", and it is not the server's: in production clients
-run elsewhere. wrk is one C event loop (`-t1`) over persistent HTTP/1.1 connections, each sending its next request
-as soon as its answer arrives (a closed loop, like the Python client); its latency is measured from the write of a
-request to the read of its answer. The Python client still sends every answer the benchmarks check
-(bench/common.py `load`): wrk counts statuses only.
+Why not this project's Python client for timing: on a small machine the load generator shares the cores with the
+server, and 16 Python threads with http.client spend a large share of what the server itself spends per request
+(compare `python_client_c16` with the wrk runs in bench/results/serve-mnist.json). That CPU would be billed to the
+server as "HTTP overhead", and it is not the server's: in production clients run elsewhere. wrk is one C event
+loop (`-t1`) over persistent HTTP/1.1 connections, each sending its next request as soon as its answer arrives (a
+closed loop, like the Python client); its latency is measured from the write of a request to the read of its
+answer. The Python client still sends every request whose answer the benchmarks check (bench/common.py `load`):
+wrk counts statuses only.
 
 A burst lasts a fixed time (wrk has no request count): its bodies are sent in order, cycling.
 """
