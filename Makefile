@@ -38,20 +38,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Two Debian packages the tests also need: prometheus + promtool (the monitoring tests) and wrk (the serving
-# benchmark's load generator, bench/wrk.py). Installed here when running as root with apt-get, otherwise the
+# Debian packages the tests also need: prometheus + promtool (the monitoring tests), wrk (the serving
+# benchmark's load generator, bench/wrk.py) and haproxy (the front door, deploy/proxy; tests/integration/test_proxy.py). Installed here when running as root with apt-get, otherwise the
 # command to run is printed and setup goes on.
-SYSTEM_PACKAGES := prometheus wrk
+SYSTEM_PACKAGES := prometheus wrk haproxy
 SYSTEM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES)
 setup: $(STAMP)
-	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v wrk >/dev/null; then \
-	  echo "prometheus, promtool and wrk: $$(command -v prometheus), $$(command -v promtool), $$(command -v wrk)"; \
+	@if command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v wrk >/dev/null \
+	    && command -v haproxy >/dev/null; then \
+	  echo "prometheus, promtool, wrk and haproxy: $$(command -v prometheus), $$(command -v promtool), $$(command -v wrk), $$(command -v haproxy)"; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing what the tests need beside Python: $(SYSTEM_INSTALL)"; \
 	  $(SYSTEM_INSTALL) >/dev/null \
 	    || echo "WARNING: installing $(SYSTEM_PACKAGES) failed; make test needs them: $(SYSTEM_INSTALL)"; \
 	else \
-	  echo "WARNING: prometheus/promtool or wrk are missing and make test needs them; install them with:"; \
+	  echo "WARNING: prometheus/promtool, wrk or haproxy are missing and make test needs them; install them with:"; \
 	  echo "  sudo sh -c '$(SYSTEM_INSTALL)'"; \
 	fi
 

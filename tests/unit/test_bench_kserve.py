@@ -20,10 +20,11 @@ HEALTHCHECK = ["/home/model-server/docker/entrypoint.sh", "healthcheck"]
 # Fields of KServe's v1beta1 ComponentExtensionSpec + PredictorSpec and ModelSpec that these files may use.
 PREDICTOR_FIELDS = {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "containerConcurrency", "timeout",
                     "canaryTrafficPercent", "labels", "annotations", "model", "serviceAccountName", "nodeSelector",
-                    "tolerations", "affinity"}
+                    "tolerations", "affinity", "automountServiceAccountToken"}  # + PodSpec's token switch
 MODEL_FIELDS = {"modelFormat", "runtime", "protocolVersion", "storageUri", "resources", "env", "args", "image"}
 RUNTIME_FIELDS = {"annotations", "supportedModelFormats", "protocolVersions", "containers", "multiModel",
-                  "disabled", "builtInAdapter", "nodeSelector", "tolerations", "affinity"}
+                  "disabled", "builtInAdapter", "nodeSelector", "tolerations", "affinity",
+                  "volumes"}  # ServingRuntimePodSpec.volumes (the emptyDirs of the read-only root)
 
 
 def _doc(name: str) -> dict:
