@@ -34,10 +34,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["EvalTransform", "Interpolation", "TransformError", "composite", "unit_planes"]
+__all__ = ["EIGHT_BIT_BASE", "EvalTransform", "Interpolation", "TransformError", "composite", "unit_planes"]
 
 U8_MAX = np.float32(255.0)
 IMAGE_CHANNELS = {1: "L", 3: "RGB"}  # declared channels -> the Pillow mode images are converted to
+# 8-bit modes -> the mode Pillow converts them to before `EvalTransform.planes` (palette and premultiplied modes
+# expanded, colour spaces to RGB); "P" goes to RGBA so that tRNS / palette alpha survives. Used by the server's
+# decoding and the image-folder loader alike.
+EIGHT_BIT_BASE = {
+    "1": "L", "L": "L", "LA": "LA", "La": "LA", "P": "RGBA", "PA": "RGBA",
+    "RGB": "RGB", "RGBA": "RGBA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB",
+}
 
 
 class TransformError(ValueError):

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from early_exit.transform import EvalTransform, composite
+from early_exit.transform import EIGHT_BIT_BASE, EvalTransform, composite
 from serving.rejections import RejectReason, RequestRejected, clip
 
 __all__ = [
@@ -86,12 +86,6 @@ FORM_URLENCODED_HINT = (
 # Pillow raises these for corrupt, truncated or unidentifiable PNG/JPEG data (UnidentifiedImageError is an OSError).
 _PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
-# 8-bit modes -> the mode Pillow converts them to before we look at the pixels (palette and premultiplied modes
-# expanded, colour spaces to RGB); "P" goes to RGBA so that tRNS / palette alpha survives.
-_EIGHT_BIT_BASE = {
-    "1": "L", "L": "L", "LA": "LA", "La": "LA", "P": "RGBA", "PA": "RGBA",
-    "RGB": "RGB", "RGBA": "RGBA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB",
-}
 # Single-band high-depth modes: 16-bit PNG greys (I;16*, or I in older Pillow) and floats.
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _HIGH_DEPTH = (*_SIXTEEN_BIT, "I", "F")
@@ -492,7 +486,7 @@ def image_to_array(image: Image.Image, spec: InputSpec, rawmode: str | None = No
     _require_image_channels(spec)
     if image.width == 0 or image.height == 0:
         raise RequestRejected(RejectReason.UNDECODABLE_IMAGE, "image has no pixels")
-    if image.mode in _EIGHT_BIT_BASE:  # k/255 composited on a background in [0, 1]: in range by construction
+    if image.mode in EIGHT_BIT_BASE:  # k/255 composited on a background in [0, 1]: in range by construction
         return np.ascontiguousarray(_eight_bit_planes(image, rawmode, spec), dtype=np.float32)
     if image.mode in _HIGH_DEPTH:
         planes = _high_depth_planes(image, rawmode, spec)
@@ -507,7 +501,7 @@ def _eight_bit_planes(image: Image.Image, rawmode: str | None, spec: InputSpec) 
     """8-bit modes through Pillow (expand, add the key-colour alpha), then the shared evaluation transform (luma,
     resize, crop, composite) -> C x H x W float32."""
     opacity = _opacity_mask(image, rawmode)
-    base_mode = _EIGHT_BIT_BASE[image.mode]
+    base_mode = EIGHT_BIT_BASE[image.mode]
     base = image if image.mode == base_mode else image.convert(base_mode)
     if opacity is not None:  # a tRNS key colour: make it an alpha band
         base = Image.merge(base.mode + "A", (*base.split(), Image.fromarray(opacity)))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from early_exit.manifest import sha256_file
 from early_exit.transform import EvalTransform
 
 log = logging.getLogger(__name__)
@@ -296,16 +297,6 @@ ARCHIVES: dict[str, Archive] = {
 }
 
 
-def _sha256(path: Path, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare_archive(name: str, root: str | Path) -> Path:
     """Unpack ARCHIVES[name] from SHARED_DATA into `root` after checking its sha256; returns the image folder
     (e.g. root/cifar10-jpeg/train, an ImageFolder layout: use it as data_dir). Does nothing when a completed
@@ -322,7 +313,7 @@ def prepare_archive(name: str, root: str | Path) -> Path:
     if not source.is_file():
         raise DataError(f"{name}: {source} is missing: put {Path(archive.file).name} ({archive.about}, sha256 "
                         f"{archive.sha256}) into {source.parent}/ and run again")
-    digest = _sha256(source)
+    digest = sha256_file(source)
     if digest != archive.sha256:
         raise DataError(f"{name}: {source} has sha256 {digest}, expected {archive.sha256}: replace it with the "
                         "archive its README describes")

@@ -34,7 +34,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from early_exit.manifest import write_json_atomic
-from early_exit.transform import EvalTransform, Interpolation, TransformError, unit_planes
+from early_exit.transform import EIGHT_BIT_BASE, EvalTransform, Interpolation, TransformError, unit_planes
 from training.data import DataError, DatasetInfo, DatasetName, Split, TrainAugment, _one_line
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,6 @@ SMALL_INPUT_MAX = 64  # TrainAugment.AUTO: crop-flip up to this input size, resi
 DECODE_BATCH = 256
 # Pillow raises these for unreadable, corrupt or truncated files (UnidentifiedImageError is an OSError).
 PILLOW_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
-# Modes -> the 8-bit mode `EvalTransform.planes` takes (as serving/decoding.py expands them; P keeps its alpha).
-BASE_MODES = {"1": "L", "L": "L", "LA": "LA", "La": "LA", "P": "RGBA", "PA": "RGBA", "RGB": "RGB", "RGBA": "RGBA",
-              "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB"}
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -319,9 +316,9 @@ def read_image(path: Path, transform: EvalTransform) -> Image.Image:
     if image.mode in SIXTEEN_BIT:
         pixels = np.asarray(image, dtype=np.float64) / 257.0
         return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
-    if image.mode not in BASE_MODES:
+    if image.mode not in EIGHT_BIT_BASE:
         raise DataError(f"{path}: images of Pillow mode {image.mode} are not supported")
-    base = BASE_MODES[image.mode]
+    base = EIGHT_BIT_BASE[image.mode]
     if image.mode in ("L", "RGB") and "transparency" in image.info:
         base += "A"  # a tRNS key colour becomes an alpha band (Pillow's conversion)
     return image if image.mode == base else image.convert(base)
