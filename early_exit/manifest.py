@@ -17,6 +17,7 @@ from typing import Any
 
 from early_exit.costs import CostError, CostProfile
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
+from early_exit.transform import EvalTransform, TransformError
 
 # 2: per-stage and per-head costs; budgets, calibration and the full graph speak in staged cost
 # (early_exit/costs.py). Format 1 charged exit k as stages 1..k plus head k only.
@@ -106,6 +107,14 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The evaluation transform (early_exit/transform.py) the server applies to every client image: the one the
+    # model's evaluation images went through. None (and manifests without the key): EvalTransform.for_shape.
+    input_transform: EvalTransform | None = None
+
+    @property
+    def transform(self) -> EvalTransform:
+        """The input transform, explicit or the default of the input shape."""
+        return self.input_transform or EvalTransform.for_shape(self.input_shape)
 
     @property
     def cost(self) -> CostProfile:
@@ -129,6 +138,7 @@ class Manifest:
             "input_shape": list(self.input_shape),
             "input_range": [0.0, 1.0],
             "input_background": self.input_background,
+            "input_transform": self.transform.to_dict(),
             "classes": list(self.classes),
             "confidence": self.confidence.value,
             "exits": [asdict(e) for e in self.exits],
@@ -236,11 +246,19 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
     background = float(_require(d, "input_background", (int, float)))
     if not 0.0 <= background <= 1.0:
         raise ManifestError(f"input_background must be in [0, 1], got {background}")
+    input_shape = tuple(int(s) for s in _require(d, "input_shape", list))
+    try:
+        transform = (EvalTransform.from_dict(d["input_transform"]) if d.get("input_transform") is not None
+                     else EvalTransform.for_shape(input_shape))
+    except TransformError as exc:
+        raise ManifestError(f"input_transform: {exc}") from None
+    if transform.input_shape != input_shape:
+        raise ManifestError(f"input_transform gives {list(transform.input_shape)}, input_shape is {list(input_shape)}")
     return Manifest(
         name=_require(d, "name", str),
         version=str(_require(d, "version", (str, int))),
         dataset=_require(d, "dataset", str),
-        input_shape=tuple(int(s) for s in _require(d, "input_shape", list)),
+        input_shape=input_shape,
         input_background=background,
         classes=tuple(str(c) for c in _require(d, "classes", list)),
         confidence=confidence_measure,
@@ -253,6 +271,7 @@ def manifest_from_dict(d: dict[str, Any]) -> Manifest:
         versions=dict(d.get("versions", {})),
         evaluation=dict(d.get("evaluation", {})),
         extra=dict(d.get("extra", {})),
+        input_transform=transform,
     )
 
 

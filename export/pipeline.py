@@ -38,6 +38,7 @@ from early_exit.manifest import (
     write_manifest,
 )
 from early_exit.runner import FullGraphRunner, StagedRunner
+from early_exit.transform import EvalTransform
 from export.errors import ExportCheckError, ExportError
 from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, GraphSpec, check_graph, export_graphs, full_spec, stage_spec
 from export.parity import (
@@ -170,6 +171,8 @@ def build_manifest(
                 file=full.file, sha256=sha256[full.file], mflops=cost.full, input_name=full.input_name,
                 logits_name=full.logits_name),
             exit_agreement=calibration.exit_agreement,
+            input_transform=(EvalTransform.from_dict(ckpt["dataset"]["transform"])  # TransformError: a ValueError
+                             if ckpt["dataset"].get("transform") is not None else None),
             versions=versions(),
             evaluation=jsonable(calibration.evaluation),
             extra=jsonable({"calibration_tolerance": calibration.tolerance, **(extra or {})}),

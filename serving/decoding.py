@@ -25,7 +25,9 @@ worker `ts/protocol/otf_message_handler.py::_retrieve_input_data` and `ts/servic
 
 Accepted bodies
     PNG or JPEG image   decoded as a viewer shows it (EXIF orientation applied, transparency composited onto
-                        `InputSpec.background`), converted to 1 or 3 channels, resized (bilinear) to H x W.
+                        `InputSpec.background`), converted to 1 or 3 channels, brought to H x W by the model's
+                        evaluation transform (`InputSpec.transform`, early_exit/transform.py: shorter side
+                        resized, centre crop), the code its evaluation images went through.
     JSON (raw)          {"data": nested list} of shape C x H x W or 1 x C x H x W, numbers in [0, 1].
     JSON (KServe v2 /   {"inputs": [{"name", "shape": [1, C, H, W] or [C, H, W], "datatype": "FP32"|"FP64",
     Open Inference)     "data": flat (row-major) or nested list}], "id"?: str}; answer with `v2_outputs`.
@@ -46,6 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from early_exit.transform import EIGHT_BIT_BASE, EvalTransform, composite
 from serving.rejections import RejectReason, RequestRejected, clip
 
 __all__ = [
@@ -83,12 +86,6 @@ FORM_URLENCODED_HINT = (
 # Pillow raises these for corrupt, truncated or unidentifiable PNG/JPEG data (UnidentifiedImageError is an OSError).
 _PILLOW_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
-# 8-bit modes -> the mode Pillow converts them to before we look at the pixels (palette and premultiplied modes
-# expanded, colour spaces to RGB); "P" goes to RGBA so that tRNS / palette alpha survives.
-_EIGHT_BIT_BASE = {
-    "1": "L", "L": "L", "LA": "LA", "La": "LA", "P": "RGBA", "PA": "RGBA",
-    "RGB": "RGB", "RGBA": "RGBA", "RGBa": "RGBA", "RGBX": "RGB", "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB",
-}
 # Single-band high-depth modes: 16-bit PNG greys (I;16*, or I in older Pillow) and floats.
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _HIGH_DEPTH = (*_SIXTEEN_BIT, "I", "F")
@@ -126,6 +123,8 @@ class InputSpec:
                         MNIST / Fashion-MNIST: white ink on black).
     max_payload_bytes   larger bodies are rejected (413) before any parsing.
     max_image_pixels    images with more pixels (declared width x height) are rejected (413) before decoding.
+    transform           the model's evaluation transform (the manifest's `input_transform`), applied to every
+                        image; None: `EvalTransform.for_shape(shape)`. Its input_shape must be `shape`.
     Raises ValueError for an inconsistent spec (a configuration error, not a request error).
     """
 
@@ -133,6 +132,7 @@ class InputSpec:
     background: float = 0.0
     max_payload_bytes: int = 1 << 20
     max_image_pixels: int = 4096 * 4096
+    transform: EvalTransform | None = None
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(not _is_int(d) or d < 1 for d in self.shape):
@@ -146,6 +146,11 @@ class InputSpec:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.shape[0] in (1, 3):  # other channel counts take JSON only
+            transform = self.transform or EvalTransform.for_shape(self.shape)
+            if transform.input_shape != self.shape:
+                raise ValueError(f"transform gives {list(transform.input_shape)}, the shape is {list(self.shape)}")
+            object.__setattr__(self, "transform", transform)
 
 
 @dataclass(frozen=True, eq=False)
@@ -431,8 +436,7 @@ def _load_image(payload: bytes, spec: InputSpec) -> tuple[Image.Image, str | Non
                                       f"image has {pixels} pixels, the limit is {spec.max_image_pixels}",
                                       max_image_pixels=spec.max_image_pixels)
             rawmode = _png_rawmode(opened)
-            side = max(spec.shape[1:])
-            opened.draft(opened.mode, (side, side))  # JPEG: decode at a reduced scale when it is much larger
+            spec.transform.draft(opened)  # JPEG: decode at a reduced scale when it is much larger
             opened.load()
             ImageOps.exif_transpose(opened, in_place=True)  # upright as a viewer shows it
             return opened, rawmode
@@ -474,14 +478,15 @@ def image_to_array(image: Image.Image, spec: InputSpec, rawmode: str | None = No
     Transparency (alpha band, palette alpha, or a tRNS key colour in info["transparency"]) is composited onto
     spec.background: out = alpha * pixel + (1 - alpha) * background.
     Channels: grey by Pillow's ITU-R 601-2 luma (L = R*299/1000 + G*587/1000 + B*114/1000); grey -> 3 channels
-    by repetition. Size: bilinear resize to H x W when it differs (Pillow premultiplies alpha while resizing).
+    by repetition. Size: spec.transform (shorter side resized, centre crop; Pillow premultiplies alpha while
+    resizing), the same code as the evaluation pipeline's (early_exit/transform.py).
     rawmode: PNG raw mode from `decode_image`; fixes Pillow keeping the tRNS key in file units for 2/4-bit greys
     and 16-bit RGB (whose pixels Pillow truncates to their high byte: the key is compared on that byte too).
     """
     _require_image_channels(spec)
     if image.width == 0 or image.height == 0:
         raise RequestRejected(RejectReason.UNDECODABLE_IMAGE, "image has no pixels")
-    if image.mode in _EIGHT_BIT_BASE:  # k/255 composited on a background in [0, 1]: in range by construction
+    if image.mode in EIGHT_BIT_BASE:  # k/255 composited on a background in [0, 1]: in range by construction
         return np.ascontiguousarray(_eight_bit_planes(image, rawmode, spec), dtype=np.float32)
     if image.mode in _HIGH_DEPTH:
         planes = _high_depth_planes(image, rawmode, spec)
@@ -493,29 +498,19 @@ def image_to_array(image: Image.Image, spec: InputSpec, rawmode: str | None = No
 
 
 def _eight_bit_planes(image: Image.Image, rawmode: str | None, spec: InputSpec) -> np.ndarray:
-    """8-bit modes through Pillow (expand, add the key-colour alpha, luma, resize) -> C x H x W float32."""
-    channels, height, width = spec.shape
+    """8-bit modes through Pillow (expand, add the key-colour alpha), then the shared evaluation transform (luma,
+    resize, crop, composite) -> C x H x W float32."""
     opacity = _opacity_mask(image, rawmode)
-    base_mode = _EIGHT_BIT_BASE[image.mode]
+    base_mode = EIGHT_BIT_BASE[image.mode]
     base = image if image.mode == base_mode else image.convert(base_mode)
     if opacity is not None:  # a tRNS key colour: make it an alpha band
         base = Image.merge(base.mode + "A", (*base.split(), Image.fromarray(opacity)))
-    has_alpha = base.mode.endswith("A")
-    target = ("L" if channels == 1 else "RGB") + ("A" if has_alpha else "")
-    if base.mode != target:
-        base = base.convert(target)
-    if base.size != (width, height):
-        base = base.resize((width, height), Image.Resampling.BILINEAR)
-    planes = np.asarray(base, dtype=np.float32) / U8_MAX
-    planes = planes.reshape(height, width, -1)
-    if has_alpha:
-        planes = _composite(planes[..., :-1], planes[..., -1:], spec.background)
-    return planes.transpose(2, 0, 1)
+    return spec.transform.planes(base, spec.background)
 
 
 def _high_depth_planes(image: Image.Image, rawmode: str | None, spec: InputSpec) -> np.ndarray:
     """16-bit grey, I and F in float32: scale, composite, check, then channels and resize -> C x H x W."""
-    channels, height, width = spec.shape
+    channels = spec.shape[0]
     pixels = np.asarray(image)
     if image.mode == "F":
         values = pixels.astype(np.float32)  # no declared range: taken as [0, 1], checked below
@@ -527,12 +522,11 @@ def _high_depth_planes(image: Image.Image, rawmode: str | None, spec: InputSpec)
     values = values[..., None]
     opacity = _opacity_mask(image, rawmode)
     if opacity is not None:
-        values = _composite(values, (opacity.astype(np.float32) / U8_MAX)[..., None], spec.background)
+        values = composite(values, (opacity.astype(np.float32) / U8_MAX)[..., None], spec.background)
     values = _check_values(values, "image")  # F outside [0, 1] or NaN: rejected before resizing hides it
     plane = values[..., 0]
-    if plane.shape != (height, width):
-        plane = np.asarray(Image.fromarray(plane).resize((width, height), Image.Resampling.BILINEAR))  # mode F
-        plane = np.clip(plane, 0.0, 1.0)  # bilinear weights are convex: this only absorbs float rounding
+    plane = np.asarray(spec.transform.geometry(Image.fromarray(plane), fill=spec.background))  # mode F
+    plane = np.clip(plane, 0.0, 1.0)  # bilinear weights are convex: this only absorbs float rounding
     return np.repeat(plane[None], channels, axis=0)
 
 
@@ -566,15 +560,6 @@ def _opacity_mask(image: Image.Image, rawmode: str | None) -> np.ndarray | None:
 def _bad_transparency() -> RequestRejected:
     return RequestRejected(RejectReason.UNSUPPORTED_IMAGE_MODE, "the image's transparency key (tRNS) cannot be "
                            "honoured: send an alpha channel instead")
-
-
-def _composite(colour: np.ndarray, alpha: np.ndarray, background: float) -> np.ndarray:
-    """alpha * colour + (1 - alpha) * background for colour, alpha in [0, 1] (H x W x k and H x W x 1).
-
-    A convex combination, so the clip only absorbs float32 rounding; alpha 1 gives colour exactly.
-    """
-    back = np.float32(background)
-    return np.clip(alpha * colour + (np.float32(1.0) - alpha) * back, 0.0, 1.0)
 
 
 def _is_int(value: Any) -> bool:

@@ -35,8 +35,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from early_exit.policy import ConfidenceMeasure
+from early_exit.transform import Interpolation
 from training.attacks.base import AttackModelMode
-from training.data import DatasetName
+from training.data import DatasetName, TrainAugment
 from training.losses import BaseLossWeighting, Method, RedrawPolicy
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -171,6 +172,22 @@ class TrainConfig(BaseModel):
     # bookkeeping
     log_every: PositiveInt = 50
     checkpoint_every: PositiveInt = 500
+    # --- image folders and preprocessing (dataset: imagefolder; training/image_folders.py). data_dir is then a
+    # folder in torchvision's ImageFolder layout (<data_dir>/<class>/<image>); the built-in datasets ignore these
+    # keys. The split's file lists are saved as <out_dir>/<name>/split.json and reused by every later step.
+    val_dir: str | None = None  # validation images (ImageFolder layout); null: val_size carved out of data_dir
+    test_dir: str | None = None  # test images (ImageFolder layout); null: test_size carved out of data_dir
+    test_size: NonNegativeInt = 5000  # carved out of data_dir (seeded, stratified like val_size) when no test_dir
+    image_channels: Annotated[int, Field(ge=1, le=3)] = 3  # 1 (Pillow luma) or 3 (RGB): images are converted
+    input_size: PositiveInt | None = None  # the model's input (square crop), required for imagefolder
+    resize_size: PositiveInt | None = None  # evaluation: shorter side resized to this, then centre crop; null: input_size
+    interpolation: Interpolation = _choice(Interpolation.BILINEAR)  # the resize filter (Pillow's), train and eval
+    train_augment: TrainAugment = _choice(TrainAugment.AUTO)  # auto: crop-flip up to 64 px, resized-crop above
+    crop_padding: NonNegativeInt = 4  # crop-flip: zero padding around the evaluation crop before the random crop
+    mean: list[float] | None = None  # per channel; null: the named weights' (model_args.weights), else computed
+    std: list[PositiveFloat] | None = None  # on the training split (saved in split.json)
+    background: Annotated[float, Field(ge=0, le=1)] = 1.0  # what transparent pixels become, in [0, 1]
+    skip_unreadable: bool = False  # leave out (and count) files Pillow cannot read instead of stopping
 
     @model_validator(mode="before")
     @classmethod

@@ -10,7 +10,8 @@ Randomness: the model is initialized from `seed` (the same on every rank); every
 DataLoader workers' augmentation seeds) draws from generators seeded from (seed, rank), so DDP ranks do not
 repeat each other. `last.pt` holds every one of those generators' states (per rank) and the position in the
 epoch, so `--resume` continues exactly where the run stopped: N steps, or N/2 steps and a resume to N,
-give the same weights (with num_workers=0; with workers, augmentation draws restart from per-epoch seeds).
+give the same weights (with num_workers=0; with workers, which persist across epochs, augmentation draws
+continue from the seeds of the epoch the process started in).
 
 train.json's `timing` holds the wall-clock seconds of each part of the training iterations (data, each
 exit's attack, the attack's scoring forwards, the update), measured inside the run (bench/bench_train.py).
@@ -92,7 +93,7 @@ def resolve_device(name: Device | str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig) -> MultiExitNetwork:
-    info = dataset_info(cfg.dataset)
+    info = dataset_info(cfg.dataset, cfg)
     kwargs = {"mean": list(info.mean), "std": list(info.std), **cfg.model_args}
     try:
         return create_model(cfg.model, num_classes=len(info.classes), **kwargs)
@@ -111,7 +112,7 @@ def build_training_attack(cfg: TrainConfig, model: MultiExitNetwork,
 def build_objective(cfg: TrainConfig, model: MultiExitNetwork) -> MultiExitLoss:
     try:
         return build_loss(
-            cfg.method, num_classes=len(dataset_info(cfg.dataset).classes), num_exits=model.num_exits,
+            cfg.method, num_classes=len(dataset_info(cfg.dataset, cfg).classes), num_exits=model.num_exits,
             alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, nkd_include_self=cfg.nkd_include_self,
             eokd_keep_ground_truth=cfg.eokd_keep_ground_truth, eokd_redraw=cfg.eokd_redraw,
             temperature=cfg.temperature, base_weighting=cfg.base_loss_weighting, seed=cfg.seed,
@@ -334,7 +335,7 @@ def _save_resume(core: MultiExitNetwork, optimizer, scheduler, cfg: TrainConfig,
                  rng: list[dict[str, Any]], timings: Timings, history: list[dict[str, Any]],
                  ema: AveragedModel | None = None) -> Path:
     extra = {} if ema is None else {"ema_state_dict": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
-    ckpt = make_checkpoint(core, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
+    ckpt = make_checkpoint(core, dataset_info(cfg.dataset, cfg).to_dict(), cfg.to_dict(),
                            step=state.step, epoch=state.epoch, batch=state.batch, samples=state.samples,
                            seconds=state.seconds, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                            rng={"world_size": len(rng), "ranks": rng}, timing=dict(timings.sums),
@@ -397,7 +398,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         core = core.to(memory_format=torch.channels_last)
     seed_everything(derive_seed(cfg.seed, rank, STREAM_GLOBAL))  # dropout etc.: different on every rank
 
-    dataset = training_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_limit)
+    dataset = training_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, cfg.train_limit, config=cfg)
     loader_gen = torch.Generator()  # reseeded at every epoch start: the data order and the workers' seeds
     if distributed:  # one order for all ranks (its seed), each rank its own shard
         base_sampler: Sampler[int] = DistributedSampler(dataset, shuffle=True, seed=cfg.seed, drop_last=True)
@@ -406,7 +407,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     sampler = ResumableSampler(base_sampler)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.num_workers, generator=loader_gen, worker_init_fn=seed_worker,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.num_workers > 0)
     optimizer = build_optimizer(core, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     ema = build_ema(core, cfg)
@@ -485,6 +486,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         "timing": timing_summary(timings.sums, state.step, state.seconds, cfg.attack_steps),
         "cost": core.cost_profile().to_dict(), "history": history,
     }
+    log.info("waited on data %.1f%% of the training time (%.1f of %.1f s, %d workers)",
+             100 * summary["timing"]["share"].get("data", 0.0), timings.sums.get("data", 0.0), state.seconds,
+             cfg.num_workers)
     if distributed:
         summary["world_size"] = world_size
         summary["replica_param_sha256"] = _gather(parameter_sha256(core))
@@ -495,7 +499,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if _is_main():
         _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history, ema)
         served = core if ema is None else ema.module  # the averaged weights are the model
-        save_checkpoint(make_checkpoint(served, dataset_info(cfg.dataset).to_dict(), cfg.to_dict(),
+        save_checkpoint(make_checkpoint(served, dataset_info(cfg.dataset, cfg).to_dict(), cfg.to_dict(),
                                         train_summary={k: v for k, v in summary.items() if k != "history"}), final)
         (run_dir / "train.json").write_text(json.dumps(summary, indent=2))
         log.info("wrote %s", final)

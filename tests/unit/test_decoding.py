@@ -467,8 +467,9 @@ def test_jpeg_modes_decode_close_to_the_grey_png(mode: str) -> None:
 
 
 def test_large_image_is_resized_bilinear() -> None:
-    big = make_digit(84, 56)
-    expected = np.asarray(Image.fromarray(big).resize((28, 28), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    big = make_digit(84, 56)  # shorter side 56 -> 28 (84 -> 42), then the centre 28 rows: 7..34
+    shorter = Image.fromarray(big).resize((28, 42), Image.Resampling.BILINEAR)
+    expected = np.asarray(shorter.crop((0, 7, 28, 35)), dtype=np.float32) / 255
     np.testing.assert_array_equal(decode(grey_png(big)).x, expected[None])
     sixteen = decode(encode(Image.fromarray(big.astype(np.uint16) * 257))).x  # float path: same up to rounding
     np.testing.assert_allclose(sixteen, expected[None], atol=1 / 255)
