@@ -3,7 +3,10 @@ COPY source exists and reaches the builder, the image runs unprivileged as the u
 for, exposes inference and metrics only, has a healthcheck, and pins what pyproject.toml pins."""
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import re
+import sys
 import subprocess
 from pathlib import Path
 
@@ -105,3 +108,45 @@ def test_dockerfile_variants_and_pins_match_pyproject() -> None:
         name = re.split(r"[<>=!~ \[]", req, maxsplit=1)[0].lower()
         assert pins.get(name) == req.replace(" ", ""), f"docker/requirements.txt {req} != pyproject {pins.get(name)}"
     assert not any(r.startswith("onnxruntime") for r in requirements), "onnxruntime comes per VARIANT"
+
+
+# Distributions the image needs that its own code does not import: TorchServe's worker imports torch.
+IMPORTED_BY_TORCHSERVE = {"torch"}
+VARIANT_PACKAGES = {"onnxruntime", "onnxruntime-gpu"}  # the Dockerfile adds one per VARIANT
+
+
+def _image_requirements() -> dict[str, str]:
+    lines = [line.strip() for line in (REPO / "docker" / "requirements.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    return {re.split(r"[<>=!~ \[]", line, maxsplit=1)[0].lower(): line for line in lines}
+
+
+def _third_party_imports(folders: tuple[str, ...]) -> set[str]:
+    """Top-level modules imported anywhere in these folders' .py files (function-level imports included),
+    less the standard library and the project's own packages."""
+    modules = set()
+    for folder in folders:
+        for path in (REPO / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    modules |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    modules.add(node.module.split(".")[0])
+    return modules - set(sys.stdlib_module_names) - {"serving", "early_exit"}
+
+
+def test_image_requirements_are_exactly_what_the_image_imports() -> None:
+    """Both ways: every module the image's code imports is installed by a requirement (or the variant's
+    onnxruntime), and every requirement is imported (or needed by TorchServe's worker)."""
+    distributions = importlib.metadata.packages_distributions()
+    needed = set()
+    for module in _third_party_imports(("serving", "early_exit")):
+        assert module in distributions, f"{module} is imported but no installed distribution provides it"
+        needed |= {d.lower() for d in distributions[module]}
+    requirements = set(_image_requirements())
+    assert needed - VARIANT_PACKAGES <= requirements, f"missing from docker/requirements.txt: {needed - requirements}"
+    assert needed & VARIANT_PACKAGES, "the handler should import onnxruntime"
+    assert requirements <= needed | IMPORTED_BY_TORCHSERVE, f"not imported: {requirements - needed}"
+    pins = pyproject_pins()
+    for name, line in _image_requirements().items():
+        assert pins.get(name) == line.replace(" ", ""), f"docker/requirements.txt {line} != pyproject {pins.get(name)}"
