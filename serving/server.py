@@ -37,6 +37,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -470,18 +471,72 @@ def healthcheck(state_dir: Path, timeout: float = 4.0) -> list[str]:
     return models
 
 
+TORCHSERVE_DEFAULT_KEY_MINUTES = 60.0  # TorchServe 0.12 when token_expiration_min is unset or not a number
+
+
+def key_lifetime_s(state_dir: Path) -> float:
+    """Seconds an inference or management key stays valid: the rendered config's token_expiration_min (TorchServe
+    reads it as a float number of minutes, so 0.1 is 6 s)."""
+    value = read_properties(Path(state_dir) / CONFIG_FILE).get("token_expiration_min", "")
+    try:
+        return float(value) * 60
+    except ValueError:
+        return TORCHSERVE_DEFAULT_KEY_MINUTES * 60
+
+
+def keys_expire_at(state_dir: Path) -> float:
+    """When the first of the inference and management keys expires (seconds since the epoch), from the
+    "expiration time" TorchServe writes beside each key. Raises ServerError when the key file lacks them."""
+    path = Path(state_dir) / KEY_FILE
+    try:
+        keys = json.loads(path.read_text())
+        stamps = [keys[kind.value]["expiration time"] for kind in (KeyKind.INFERENCE, KeyKind.MANAGEMENT)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServerError(f"{path} has no key expiration times ({exc})") from None
+    # Java's Instant.toString: up to 9 fractional digits and a Z; Python reads at most 6.
+    return min(datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", t).replace("Z", "+00:00")).timestamp()
+               for t in stamps)
+
+
+def renew_keys(server: Server, timeout: float = 5.0) -> None:
+    """Replace the management and inference keys through TorchServe's token API (`POST /token?type=...` on the
+    management port, authorized by the API key, which never expires). TorchServe writes the new keys to
+    key_file.json and refuses the old ones from then on, so every user of a key reads the file anew
+    (read_key). Raises ServerError when a renewal is refused or the server does not answer; `timeout` in seconds."""
+    api = {"Authorization": f"Bearer {read_key(server.state_dir, KeyKind.API)}"}
+    for kind in (KeyKind.MANAGEMENT, KeyKind.INFERENCE):
+        request = urllib.request.Request(f"{server.management_url}/token?type={kind.value}", method="POST", headers=api)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+        except OSError as exc:
+            raise ServerError(f"renewing the {kind.value} key failed ({exc})") from None
+
+
 def serve_foreground(server: Server, poll_s: float = 1.0) -> int:
-    """Block while TorchServe runs; SIGTERM or SIGINT stop it (exit status 0). Returns 1 when TorchServe exits
-    on its own. `poll_s`: seconds between liveness checks."""
+    """Block while TorchServe runs, renewing its keys at half their lifetime; SIGTERM or SIGINT stop it (exit
+    status 0). Returns 1 when TorchServe exits on its own. `poll_s`: seconds between liveness checks.
+
+    A failed renewal is logged and tried again at the next poll; keys that expire anyway make the healthcheck
+    fail, so the orchestrator restarts the container."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
     pid = _read_pid(server.state_dir)
+    half_life = key_lifetime_s(server.state_dir) / 2 if server.token_auth else None
+    if half_life is not None:
+        poll_s = min(poll_s, half_life / 4)
     while not stop.wait(poll_s):
         _reap_children()
         if not _pid_alive(pid):
             log.error("TorchServe (pid %s) exited; see %s", pid, server.log_dir)
             return 1
+        try:
+            if half_life is not None and time.time() >= keys_expire_at(server.state_dir) - half_life:
+                renew_keys(server)
+                log.info("renewed the inference and management keys (valid %.0f s)", 2 * half_life)
+        except ServerError as exc:
+            log.error("%s; trying again in %.1f s", exc, poll_s)
     log.info("stopping TorchServe")
     server.stop()
     return 0

@@ -97,3 +97,36 @@ def test_foreground_start_healthcheck_key_and_sigterm(tiny_mnist, tmp_path: Path
     stop = subprocess.run([sys.executable, "-m", "serving.server", "stop"], env=env, cwd=REPO, capture_output=True,
                           text=True, timeout=60)
     assert stop.returncode == 0 and stop.stdout.startswith("no server running")
+
+
+KEY_MINUTES = 0.25  # TorchServe reads token_expiration_min as a float: 15 s keys
+
+
+def test_keys_are_renewed_before_they_expire(tiny_mnist, tmp_path: Path) -> None:
+    """With 15 s keys, 20 s past the first keys' expiry: the healthcheck and a request with the key read anew
+    succeed, the first (stale) inference key is refused."""
+    base = (REPO / "serving" / "config.properties").read_text()
+    config = tmp_path / "short-keys.properties"
+    config.write_text(base.replace("token_expiration_min=1440", f"token_expiration_min={KEY_MINUTES}"))
+    assert config.read_text() != base
+    home = tmp_path / "home"
+    env = {**container_env(home, tiny_mnist.model_store, f"{tiny_mnist.name}.mar"), "EE_BASE_CONFIG": str(config)}
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "start", "--foreground",
+                             "--port", str(free_port())], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_line(proc, "TorchServe is READY", READY_TIMEOUT_S)
+        first = entrypoint(env, "key").stdout.strip()
+        server = Server.from_state_dir(home)
+        time.sleep(KEY_MINUTES * 60 + 5)
+        assert entrypoint(env, "healthcheck").returncode == 0
+        current = entrypoint(env, "key").stdout.strip()
+        assert current and current != first
+        fresh = Client(server.inference_url, tiny_mnist.name, current).predict(tiny_mnist.png(0))
+        stale = Client(server.inference_url, tiny_mnist.name, first).predict(tiny_mnist.png(0))
+        assert fresh.status == 200, fresh
+        assert stale.status in (400, 401), stale
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+    assert "renewed the inference and management keys" in proc.stderr.read()
