@@ -67,19 +67,19 @@ RUN set -eux; \
 RUN useradd --create-home --home-dir /home/model-server --uid 10001 --user-group --shell /usr/sbin/nologin model-server
 WORKDIR /home/model-server
 
-# Configuration and entrypoint belong to root (read-only for the server); logs, keys and the rendered
-# config go to the user's home.
-COPY serving/config.properties serving/metrics.yaml serving/log4j2.xml serving/
+# Configuration, the launcher (serving.server, which checks the handler's metric specs in serving.metrics)
+# and the entrypoint belong to root (read-only for the server); logs, keys and the rendered config go to the
+# user's home. The handler itself rides inside each .mar.
+COPY serving/__init__.py serving/server.py serving/metrics.py serving/config.properties serving/metrics.yaml serving/log4j2.xml serving/
 COPY --chmod=0755 docker/entrypoint.sh docker/entrypoint.sh
 # Archives built by `make train-export`; a volume mounted here replaces them.
 COPY model_store/ model-store/
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without the image's /etc/passwd.
 USER 10001:10001
+# serving.server reads these (and the other EE_* settings docker/entrypoint.sh lists).
 ENV EE_HOME=/home/model-server \
-    LOG_LOCATION=/home/model-server/logs \
-    METRICS_LOCATION=/home/model-server/logs
-RUN mkdir -p logs run
+    EE_MODEL_STORE=/home/model-server/model-store
 
 # 8080 inference, 8082 Prometheus metrics. Not 8081 (management) nor 7070/7071 (gRPC): loopback only.
 EXPOSE 8080 8082

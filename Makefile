@@ -21,7 +21,7 @@ DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
 FORCE  ?=
 
 .PHONY: help setup data train evaluate export archive train-export test test-unit test-integration \
-        bench-train bench-serve bench-export bench-compute serve stop clean
+        bench-train bench-serve bench-export bench-compute serve stop clean audit
 
 help:
 	@echo "make train-export [PRESET=mnist-quick]   train, evaluate, calibrate, export and archive a model"
@@ -127,6 +127,22 @@ serve: $(STAMP) $(MAR)
 
 stop: $(STAMP)
 	$(PY) -m serving.server stop
+
+# pip-audit (PyPI's vulnerability data; needs https://pypi.org) over the image's packages: docker/requirements.txt
+# and the CPU variant's onnxruntime, resolved to exact versions by pip (their dependencies included). pip-audit
+# runs from a throwaway venv in a temporary folder (removed afterwards), never from .venv; not part of `make test`.
+# --strict: a package pip-audit could not look up fails the audit instead of passing unchecked.
+audit:
+	@set -euo pipefail; tmp=$$(mktemp -d -t ee-audit.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON_BOOT) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/pip" install -q pip-audit; \
+	"$$tmp/venv/bin/pip" install -q --dry-run --ignore-installed --report "$$tmp/resolved.json" \
+		-r docker/requirements.txt "$$(sed -n 's/^ARG ORT_CPU=//p' Dockerfile)"; \
+	"$$tmp/venv/bin/python" -c 'import json, sys; [print(i["metadata"]["name"] + "==" + i["metadata"]["version"]) for i in json.load(open(sys.argv[1]))["install"]]' \
+		"$$tmp/resolved.json" | sort > "$$tmp/resolved.txt"; \
+	test -s "$$tmp/resolved.txt"; \
+	echo "auditing $$(wc -l < "$$tmp/resolved.txt") packages: $$(tr '\n' ' ' < "$$tmp/resolved.txt")"; \
+	"$$tmp/venv/bin/pip-audit" --strict --no-deps --disable-pip --desc off -r "$$tmp/resolved.txt"
 
 clean:
 	rm -rf runs artifacts model_store/*.mar .serve logs

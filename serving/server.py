@@ -1,13 +1,20 @@
-"""Start, wait for, and stop a local TorchServe for the early-exit handler (`make serve`, `make stop`).
+"""Start, check, probe and stop a TorchServe for the early-exit handler: `make serve`, `make stop` and the
+container's entrypoint (docker/entrypoint.sh) all run these subcommands.
 
-    python -m serving.server start [--model-store model_store] [--models all|NAME.mar ...] [--no-token-auth]
+    python -m serving.server start [--model-store DIR] [--models all|NAME.mar ...] [--bind ADDR] [--foreground]
+    python -m serving.server check         render the config, check it, print it (exit 2 with one line a problem)
+    python -m serving.server healthcheck   exit 0 when every registered model has a READY worker, else 1
     python -m serving.server stop
-    python -m serving.server key [--kind inference|management]
+    python -m serving.server key [--kind inference|management|API]
 
-Each server gets its own state folder (default `.serve/`): TMPDIR (TorchServe keeps its PID file and the
-unpacked archives there), logs, the rendered config.properties and the token key file (`key_file.json`,
+Each server gets its own state folder (default `.serve/`, or $EE_HOME): TMPDIR (TorchServe keeps its PID file
+and the unpacked archives there), logs, the rendered config.properties and the token key file (`key_file.json`,
 written to the directory torchserve starts in). Two servers on one machine therefore need their own state
 folder, ports and initial_worker_port, which `start_server` takes as arguments (the tests use this).
+
+Options default to the container's environment variables where one exists (EE_HOME, EE_MODEL_STORE, EE_MODELS,
+EE_BASE_CONFIG, EE_METRICS_CONFIG, EE_LOG_CONFIG, EE_MANAGEMENT_PORT, EE_TOKEN_AUTH), so the entrypoint passes
+no paths of its own.
 
 `/ping` says Healthy before any worker is up, so readiness is a worker whose status is READY in
 `GET :8081/models/<name>` (with the management key).
@@ -19,17 +26,21 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +50,33 @@ DEFAULT_STATE = REPO / ".serve"
 DEFAULT_STORE = REPO / "model_store"
 KEY_FILE = "key_file.json"
 PID_FILE = ".model_server.pid"  # torchserve's name, inside $TMPDIR
+CONFIG_FILE = "config.properties"  # the rendered config, in the state folder
+LOOPBACK = "127.0.0.1"
+EXIT_CHECK_FAILED = 2  # `check` (and `start`) when the configuration is refused
 
 
 class KeyKind(str, Enum):
     INFERENCE = "inference"
     MANAGEMENT = "management"
-    API = "API"
+    API = "API"  # only calls the token API (POST /token?type=...); TorchServe never expires it
+
+
+class TokenAuth(str, Enum):
+    """EE_TOKEN_AUTH: whether TorchServe asks for its bearer keys."""
+
+    ON = "on"
+    # Keys off: only for replicas whose inference port is reachable solely through an authenticating gateway
+    # (deploy/k8s), since each TorchServe process draws its own random keys. Also `start --no-token-auth`.
+    OFF_BEHIND_GATEWAY = "off-behind-gateway"
+
+    @classmethod
+    def parse(cls, value: str) -> "TokenAuth":
+        """The mode named by `value`; ServerError names the accepted values otherwise."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ServerError(f"EE_TOKEN_AUTH must be {' or '.join(repr(m.value) for m in cls)}, "
+                              f"got {value!r}") from None
 
 
 class ServerError(RuntimeError):
@@ -133,15 +165,45 @@ class Server:
         stop_server(self.state_dir, timeout)
 
 
-def read_key(state_dir: Path, kind: KeyKind = KeyKind.INFERENCE) -> str:
+    @classmethod
+    def from_state_dir(cls, state_dir: Path) -> "Server":
+        """The server whose rendered config is in `state_dir` (ports and token mode read back from it).
+
+        Raises ServerError when there is no rendered config (the server was never started from there)."""
+        state_dir = Path(state_dir).resolve()
+        props = read_properties(state_dir / CONFIG_FILE)
+        if not props:
+            raise ServerError(f"no {CONFIG_FILE} in {state_dir}: no server was started from there")
+
+        def port(key: str, default: int) -> int:
+            match = re.search(r":(\d+)/?$", props.get(key, ""))
+            return int(match.group(1)) if match else default
+
+        defaults = Ports()
+        ports = Ports(port("inference_address", defaults.inference), port("management_address", defaults.management),
+                      port("metrics_address", defaults.metrics))
+        return cls(state_dir, ports, token_auth=props.get("disable_token_authorization", "false") != "true")
+
+
+def read_key(state_dir: Path, kind: KeyKind = KeyKind.INFERENCE, attempts: int = 5) -> str:
+    """The current `kind` key from the server's key_file.json, read anew on every call (keys are renewed).
+
+    TorchServe rewrites the file in place when it renews a key, so a half-written file is read again after
+    50 ms, up to `attempts` times. Raises ServerError when the file is missing or has no such key."""
     path = Path(state_dir) / KEY_FILE
-    try:
-        keys = json.loads(path.read_text())
-        return str(keys[kind.value]["key"])
-    except FileNotFoundError:
-        raise ServerError(f"{path} does not exist: is the server running with token authorization?") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ServerError(f"{path} has no {kind.value} key ({exc})") from None
+    for attempt in range(attempts):
+        try:
+            keys = json.loads(path.read_text())
+            return str(keys[kind.value]["key"])
+        except FileNotFoundError:
+            raise ServerError(f"{path} does not exist: is the server running with token authorization?") from None
+        except json.JSONDecodeError as exc:
+            if attempt == attempts - 1:
+                raise ServerError(f"{path} is not valid JSON ({exc})") from None
+            time.sleep(0.05)
+        except (KeyError, TypeError) as exc:
+            raise ServerError(f"{path} has no {kind.value} key ({exc})") from None
+    raise AssertionError("unreachable")
 
 
 def _get_json(url: str, headers: dict[str, str], timeout: float = 5.0) -> Any:
@@ -150,19 +212,41 @@ def _get_json(url: str, headers: dict[str, str], timeout: float = 5.0) -> Any:
         return json.loads(response.read())
 
 
-def render_config(template: Path, out: Path, values: dict[str, str]) -> Path:
-    """Copy a config.properties, replacing (or appending) the given keys; comments and order are kept."""
+_PROPERTY = re.compile(r"^\s*([^#!\s=:][^\s=:]*)\s*[=:]\s*(.*?)\s*$")
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A Java properties file as TorchServe reads it: `key=value` or `key: value`, `#`/`!` comments, the last
+    value of a repeated key wins. A missing file reads as {}. (Line continuations are not used by TorchServe's
+    keys and are not supported.)"""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return {}
+    props = {}
+    for line in text.splitlines():
+        match = _PROPERTY.match(line)
+        if match:
+            props[match.group(1)] = match.group(2)
+    return props
+
+
+def render_config(template: Path, out: Path, values: Mapping[str, str]) -> Path:
+    """Copy a config.properties with the given keys set: the first line of each key is replaced, its later
+    repeats dropped (so a key appears once), keys the template lacks are appended; comments and order are kept."""
     lines, seen = [], set()
-    for line in template.read_text().splitlines():
-        key = line.split("=", 1)[0].strip()
-        if "=" in line and not line.lstrip().startswith("#") and key in values:
-            lines.append(f"{key}={values[key]}")
-            seen.add(key)
+    for line in Path(template).read_text().splitlines():
+        match = _PROPERTY.match(line)
+        key = match.group(1) if match else None
+        if key in values:
+            if key not in seen:
+                lines.append(f"{key}={values[key]}")
+                seen.add(key)
         else:
             lines.append(line)
     lines += [f"{k}={v}" for k, v in values.items() if k not in seen]
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    Path(out).write_text("\n".join(lines) + "\n")
+    return Path(out)
 
 
 def _env(state_dir: Path) -> dict[str, str]:
@@ -180,6 +264,50 @@ def _torchserve() -> str:
     return str(exe) if exe.exists() else "torchserve"
 
 
+@dataclass(frozen=True)
+class Launch:
+    """What a server is started from: archives, state folder, ports, listeners and configuration files."""
+
+    model_store: Path = DEFAULT_STORE
+    models: tuple[str, ...] = ("all",)  # "all", or archive file names / NAME=FILE.mar entries
+    state_dir: Path = DEFAULT_STATE
+    ports: Ports = Ports()
+    bind: str = LOOPBACK  # address of the inference and metrics listeners; management and gRPC stay on loopback
+    token_auth: bool = True
+    config_template: Path = SERVING / "config.properties"
+    metrics_config: Path = SERVING / "metrics.yaml"
+    log_config: Path = SERVING / "log4j2.xml"
+    extra_config: Mapping[str, str] = field(default_factory=dict)  # further keys, set last (tests, benchmarks)
+
+    @property
+    def config_path(self) -> Path:
+        return Path(self.state_dir).resolve() / CONFIG_FILE
+
+    def config_values(self) -> dict[str, str]:
+        """The keys the launch sets over the template: addresses, ports, paths, models and token mode."""
+        ports = self.ports
+        return {
+            "inference_address": f"http://{self.bind}:{ports.inference}",
+            "management_address": f"http://{LOOPBACK}:{ports.management}",
+            "metrics_address": f"http://{self.bind}:{ports.metrics}",
+            "grpc_inference_address": LOOPBACK,
+            "grpc_management_address": LOOPBACK,
+            "grpc_inference_port": str(ports.grpc_inference),
+            "grpc_management_port": str(ports.grpc_management),
+            "initial_worker_port": str(ports.worker),
+            "model_store": str(Path(self.model_store).resolve()),
+            "metrics_config": str(Path(self.metrics_config).resolve()),
+            "load_models": ",".join(_load_entries(self.models)),
+            "disable_token_authorization": "false" if self.token_auth else "true",
+            **self.extra_config,
+        }
+
+    def render(self) -> Path:
+        """Write the state folder's config.properties (the folder is created); returns its path."""
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        return render_config(Path(self.config_template), self.config_path, self.config_values())
+
+
 def start_server(
     model_store: Path = DEFAULT_STORE,
     models: Sequence[str] = ("all",),
@@ -190,52 +318,228 @@ def start_server(
     metrics_config: Path = SERVING / "metrics.yaml",
     log_config: Path = SERVING / "log4j2.xml",
     token_auth: bool = True,
+    bind: str = LOOPBACK,
     extra_config: dict[str, str] | None = None,
     ready_timeout: float = 180.0,
 ) -> Server:
     """Start TorchServe in the background and return once every model has a READY worker.
 
     `models`: "all" (every archive in the store) or archive file names / NAME=FILE.mar entries.
-    On a failed start the server is stopped again and ServerError says where the logs are.
+    `ready_timeout` in seconds. On a failed start the server is stopped again and ServerError says where the
+    logs are.
     """
-    state_dir, model_store = Path(state_dir).resolve(), Path(model_store).resolve()
-    if (state_dir / "tmp" / PID_FILE).exists() and _pid_alive(_read_pid(state_dir)):
+    return start_launch(Launch(Path(model_store), tuple(models), Path(state_dir), ports, bind, token_auth,
+                               Path(config_template), Path(metrics_config), Path(log_config), extra_config or {}),
+                        ready_timeout)
+
+
+def start_launch(launch: Launch, ready_timeout: float = 180.0) -> Server:
+    """`start_server` for a Launch (what the CLI builds); `ready_timeout` in seconds."""
+    state_dir, model_store = Path(launch.state_dir).resolve(), Path(launch.model_store).resolve()
+    pid = _read_pid(state_dir)
+    # A PID file left by a killed container can name a reused PID, this process's own included.
+    if pid is not None and pid != os.getpid() and _pid_alive(pid):
         raise ServerError(f"a server from {state_dir} is already running (stop it with `make stop`)")
     for sub in ("tmp", "logs"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     (state_dir / KEY_FILE).unlink(missing_ok=True)
-    names = _model_names(model_store, models)
+    names = _model_names(model_store, launch.models)
     if not names:
         raise ServerError(f"no model archive (.mar) in {model_store}; build one first (make train-export)")
-    config = render_config(Path(config_template), state_dir / "config.properties", {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
-        "grpc_inference_port": str(ports.grpc_inference),
-        "grpc_management_port": str(ports.grpc_management),
-        "initial_worker_port": str(ports.worker),
-        "model_store": str(model_store),
-        "metrics_config": str(Path(metrics_config).resolve()),
-        "load_models": ",".join(_load_entries(models)),
-        **(extra_config or {}),
-    })
+    config = launch.render()
     cmd = [_torchserve(), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(model_store),
-           "--log-config", str(Path(log_config).resolve())]
-    if not token_auth:
-        cmd.append("--disable-token-auth")
+           "--log-config", str(Path(launch.log_config).resolve())]
     log.info("starting TorchServe: %s", " ".join(cmd))
     offsets = _log_sizes(state_dir / "logs")
     with open(state_dir / "logs" / "launcher.log", "ab") as out:
         proc = subprocess.run(cmd, cwd=state_dir, env=_env(state_dir), stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise ServerError(f"torchserve --start exited with {proc.returncode}; see {state_dir / 'logs'}")
-    server = Server(state_dir, ports, names, token_auth)
+    server = Server(state_dir, launch.ports, names, launch.token_auth)
     try:
         wait_until_ready(server, names, ready_timeout, offsets)
     except BaseException:  # not ready, or Ctrl-C while waiting: never leave a half-started server behind
         stop_server(state_dir)
         raise
     return server
+
+
+def check_launch(launch: Launch, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Render the launch's config.properties and return every problem that should stop a start ([] = none).
+
+    Refused: a missing config/metrics/log file; token authorization off when `launch.token_auth` asks for it (also
+    through TS_DISABLE_TOKEN_AUTHORIZATION with enable_envvars_config=true); the model-registration API on;
+    management off loopback; listeners not where the launch puts them; metrics_mode other than prometheus; a
+    metrics.yaml that does not declare the handler's metrics (serving/metrics.py) as the handler emits them; no
+    archive to serve; torchserve or java not on PATH; a state or log folder that is not writable.
+    `environ` defaults to os.environ."""
+    environ = os.environ if environ is None else environ
+    missing = [f"missing file: {p}" for p in (launch.config_template, launch.metrics_config, launch.log_config)
+               if not os.access(p, os.R_OK)]
+    if missing:
+        return missing
+    try:
+        props = read_properties(launch.render())
+    except OSError as exc:
+        return [f"cannot write {launch.config_path} ({exc})"]
+    errors = []
+    if launch.token_auth:
+        if props.get("disable_token_authorization") != "false":
+            errors.append("token authorization must stay on (disable_token_authorization=false)")
+        if props.get("enable_envvars_config") == "true" and environ.get("TS_DISABLE_TOKEN_AUTHORIZATION") == "true":
+            errors.append("TS_DISABLE_TOKEN_AUTHORIZATION=true would turn token authorization off")
+    if props.get("enable_model_api") == "true":
+        errors.append("enable_model_api=true lets any management caller register arbitrary model code: keep it off")
+    if not re.match(r"^https?://(127\.0\.0\.1|localhost):\d+$", props.get("management_address", "")):
+        errors.append(f"management_address must bind to loopback, got {props.get('management_address')!r}")
+    for key, port in (("inference_address", launch.ports.inference), ("metrics_address", launch.ports.metrics)):
+        if props.get(key) != f"http://{launch.bind}:{port}":
+            errors.append(f"{key} must be http://{launch.bind}:{port}, got {props.get(key)!r}")
+    if props.get("metrics_mode") != "prometheus":
+        errors.append(f"metrics_mode must be prometheus (Prometheus scrapes :{launch.ports.metrics}/metrics), "
+                      f"got {props.get('metrics_mode')!r}")
+    errors += metrics_config_problems(Path(launch.metrics_config))
+    errors += _model_store_problems(Path(launch.model_store), launch.models)
+    if not Path(_torchserve()).exists() and not shutil.which(_torchserve()):
+        errors.append("torchserve is not on PATH")
+    if not shutil.which("java"):
+        errors.append("java is not on PATH (TorchServe's frontend needs a JRE >= 17)")
+    logs = Path(launch.state_dir).resolve() / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        errors.append(f"cannot create {logs} ({exc})")
+    for folder in (Path(launch.state_dir).resolve(), logs):
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            errors.append(f"{folder} is not writable (TorchServe writes key_file.json, its PID file and logs there)")
+    return errors
+
+
+def metrics_config_problems(path: Path) -> list[str]:
+    """How `path` (metrics.yaml) disagrees with the handler's metric specs: a metric it does not declare in
+    model_metrics (TorchServe drops it), or declares with another kind or other dimensions ([] = none)."""
+    import yaml
+
+    from serving.metrics import METRICS
+
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        return [f"{path} is not readable YAML ({exc})"]
+    declared = {m["name"]: (kind, list(m.get("dimensions") or []))
+                for kind, metrics in (doc.get("model_metrics") or {}).items() for m in metrics or []}
+    problems = []
+    for spec in METRICS:
+        name = spec.name.value
+        if name not in declared:
+            problems.append(f"{path} does not declare the model metric {name} (TorchServe drops undeclared metrics)")
+        elif declared[name] != (spec.kind.value, spec.all_dimensions):
+            problems.append(f"{path} declares {name} as {declared[name][0]} {declared[name][1]}; the handler emits "
+                            f"a {spec.kind.value} with dimensions {spec.all_dimensions}")
+    return problems
+
+
+def _model_store_problems(model_store: Path, models: Sequence[str]) -> list[str]:
+    if not model_store.is_dir():
+        return [f"model store {model_store} does not exist: mount one, or build the image after 'make train-export'"]
+    if [m.lower() for m in models] == ["all"]:
+        if not any(model_store.glob("*.mar")):
+            return [f"no .mar archive in {model_store}: run 'make train-export' before 'docker build', "
+                    f"or mount a model store"]
+        return []
+    files = [m.split("=", 1)[-1].strip() for m in models]
+    return [f"models names {f}, which is not in {model_store}" for f in files if not (model_store / f).is_file()]
+
+
+def healthcheck(state_dir: Path, timeout: float = 4.0) -> list[str]:
+    """The registered models, when each has a READY worker; raises ServerError (one line) otherwise.
+
+    Reads the management address and token mode from the state folder's rendered config and the management key
+    from key_file.json anew (keys are renewed). `timeout`: seconds per HTTP call."""
+    server = Server.from_state_dir(state_dir)
+    try:
+        headers = server.auth_header(KeyKind.MANAGEMENT)
+        models = [m["modelName"] for m in _get_json(f"{server.management_url}/models", headers, timeout)["models"]]
+        if not models:
+            raise ServerError("no model registered")
+        for model in models:
+            desc = _get_json(f"{server.management_url}/models/{urllib.parse.quote(model)}", headers, timeout)
+            if not any(w.get("status") == "READY" for version in desc for w in version.get("workers", [])):
+                raise ServerError(f"no READY worker for {model}")
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # refused, 4xx/5xx, timeout, malformed answer
+        raise ServerError(f"{server.management_url}: {exc}") from None
+    return models
+
+
+TORCHSERVE_DEFAULT_KEY_MINUTES = 60.0  # TorchServe 0.12 when token_expiration_min is unset or not a number
+
+
+def key_lifetime_s(state_dir: Path) -> float:
+    """Seconds an inference or management key stays valid: the rendered config's token_expiration_min (TorchServe
+    reads it as a float number of minutes, so 0.1 is 6 s)."""
+    value = read_properties(Path(state_dir) / CONFIG_FILE).get("token_expiration_min", "")
+    try:
+        return float(value) * 60
+    except ValueError:
+        return TORCHSERVE_DEFAULT_KEY_MINUTES * 60
+
+
+def keys_expire_at(state_dir: Path) -> float:
+    """When the first of the inference and management keys expires (seconds since the epoch), from the
+    "expiration time" TorchServe writes beside each key. Raises ServerError when the key file lacks them."""
+    path = Path(state_dir) / KEY_FILE
+    try:
+        keys = json.loads(path.read_text())
+        stamps = [keys[kind.value]["expiration time"] for kind in (KeyKind.INFERENCE, KeyKind.MANAGEMENT)]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ServerError(f"{path} has no key expiration times ({exc})") from None
+    # Java's Instant.toString: up to 9 fractional digits and a Z; Python reads at most 6.
+    return min(datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", t).replace("Z", "+00:00")).timestamp()
+               for t in stamps)
+
+
+def renew_keys(server: Server, timeout: float = 5.0) -> None:
+    """Replace the management and inference keys through TorchServe's token API (`POST /token?type=...` on the
+    management port, authorized by the API key, which never expires). TorchServe writes the new keys to
+    key_file.json and refuses the old ones from then on, so every user of a key reads the file anew
+    (read_key). Raises ServerError when a renewal is refused or the server does not answer; `timeout` in seconds."""
+    api = {"Authorization": f"Bearer {read_key(server.state_dir, KeyKind.API)}"}
+    for kind in (KeyKind.MANAGEMENT, KeyKind.INFERENCE):
+        request = urllib.request.Request(f"{server.management_url}/token?type={kind.value}", method="POST", headers=api)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+        except OSError as exc:
+            raise ServerError(f"renewing the {kind.value} key failed ({exc})") from None
+
+
+def serve_foreground(server: Server, poll_s: float = 1.0) -> int:
+    """Block while TorchServe runs, renewing its keys at half their lifetime; SIGTERM or SIGINT stop it (exit
+    status 0). Returns 1 when TorchServe exits on its own. `poll_s`: seconds between liveness checks.
+
+    A failed renewal is logged and tried again at the next poll; keys that expire anyway make the healthcheck
+    fail, so the orchestrator restarts the container."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    pid = _read_pid(server.state_dir)
+    half_life = key_lifetime_s(server.state_dir) / 2 if server.token_auth else None
+    if half_life is not None:
+        poll_s = min(poll_s, half_life / 4)
+    while not stop.wait(poll_s):
+        _reap_children()
+        if not _pid_alive(pid):
+            log.error("TorchServe (pid %s) exited; see %s", pid, server.log_dir)
+            return 1
+        try:
+            if half_life is not None and time.time() >= keys_expire_at(server.state_dir) - half_life:
+                renew_keys(server)
+                log.info("renewed the inference and management keys (valid %.0f s)", 2 * half_life)
+        except ServerError as exc:
+            log.error("%s; trying again in %.1f s", exc, poll_s)
+    log.info("stopping TorchServe")
+    server.stop()
+    return 0
 
 
 def _load_entries(models: Sequence[str]) -> list[str]:
@@ -315,6 +619,18 @@ def _load_failure(log_dir: Path, offsets: dict[str, int], attempts: int = 2) -> 
     return errors[-1] if errors else "the worker died while loading"
 
 
+def _reap_children() -> None:
+    """Collect exited children: as a container's PID 1 this process inherits TorchServe's daemonized frontend,
+    whose zombie would otherwise still look alive to `_pid_alive`."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no children left to wait for
+            return
+        if pid == 0:
+            return
+
+
 def _read_pid(state_dir: Path) -> int | None:
     try:
         return int((Path(state_dir) / "tmp" / PID_FILE).read_text().strip())
@@ -352,51 +668,132 @@ def stop_server(state_dir: Path = DEFAULT_STATE, timeout: float = 60.0) -> bool:
     return True
 
 
+def _env_path(name: str, default: Path) -> Path:
+    return Path(os.environ[name]) if os.environ.get(name) else default
+
+
+def _state_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=_env_path("EE_HOME", DEFAULT_STATE),
+                        help="the server's state folder (default: $EE_HOME, else .serve)")
+
+
+def _launch_args(parser: argparse.ArgumentParser) -> None:
+    """Options `start` and `check` share: what is served, where, and from which configuration files."""
+    _state_dir_arg(parser)
+    parser.add_argument("--model-store", type=Path, default=_env_path("EE_MODEL_STORE", DEFAULT_STORE))
+    parser.add_argument("--models", nargs="+", default=os.environ.get("EE_MODELS", "all").split(","),
+                        help="'all' or NAME.mar / NAME=NAME.mar entries (default: $EE_MODELS, comma-separated)")
+    parser.add_argument("--port", type=int, default=Ports().inference,
+                        help="inference port; metrics is port+2 and management port+1 unless --management-port")
+    parser.add_argument("--management-port", type=int,
+                        default=int(os.environ["EE_MANAGEMENT_PORT"]) if os.environ.get("EE_MANAGEMENT_PORT") else None)
+    parser.add_argument("--bind", default=LOOPBACK,
+                        help="address of the inference and metrics listeners (the container: 0.0.0.0)")
+    parser.add_argument("--token-auth", default=os.environ.get("EE_TOKEN_AUTH", TokenAuth.ON.value),
+                        help=f"{' or '.join(m.value for m in TokenAuth)} (default: $EE_TOKEN_AUTH, else on)")
+    parser.add_argument("--no-token-auth", action="store_true",
+                        help="local work only: --token-auth off-behind-gateway, no Authorization header")
+    parser.add_argument("--config", type=Path, default=_env_path("EE_BASE_CONFIG", SERVING / "config.properties"))
+    parser.add_argument("--metrics-config", type=Path, default=_env_path("EE_METRICS_CONFIG", SERVING / "metrics.yaml"))
+    parser.add_argument("--log-config", type=Path, default=_env_path("EE_LOG_CONFIG", SERVING / "log4j2.xml"))
+
+
+def _launch(args: argparse.Namespace) -> Launch:
+    """The Launch the options describe; a token mode that does not exist is printed and raises ConfigRefused."""
+    try:
+        mode = TokenAuth.OFF_BEHIND_GATEWAY if args.no_token_auth else TokenAuth.parse(args.token_auth)
+    except ServerError as exc:
+        print(f"config check FAILED: {exc}", file=sys.stderr)
+        raise ConfigRefused(str(exc)) from None
+    if mode is TokenAuth.OFF_BEHIND_GATEWAY:
+        log.warning("WARNING: token authorization is OFF (%s): the inference port must only be reachable through "
+                    "an authenticating gateway", mode.value)
+    defaults = Ports()
+    ports = defaults
+    if args.port != defaults.inference:  # a second server: gRPC and worker ports must not clash either
+        free = Ports.free()
+        ports = Ports(args.port, args.port + 1, args.port + 2, free.grpc_inference, free.grpc_management, free.worker)
+    if args.management_port is not None:
+        ports = Ports(ports.inference, args.management_port, ports.metrics, ports.grpc_inference,
+                      ports.grpc_management, ports.worker)
+    return Launch(args.model_store, tuple(m.strip() for m in args.models if m.strip()), args.state_dir, ports,
+                  args.bind, mode is TokenAuth.ON, args.config, args.metrics_config, args.log_config)
+
+
+def _checked(launch: Launch) -> Path:
+    """Run check_launch; every problem goes to stderr, one line each, and raises ConfigRefused."""
+    errors = check_launch(launch)
+    for error in errors:
+        print(f"config check FAILED: {error}", file=sys.stderr)
+    if errors:
+        raise ConfigRefused(f"{len(errors)} problem(s)")
+    log.info("config check passed: token auth %s, models %s from %s, config %s",
+             "on" if launch.token_auth else "OFF", ",".join(launch.models), launch.model_store, launch.config_path)
+    return launch.config_path
+
+
+class ConfigRefused(ServerError):
+    """check_launch found problems (already printed, one line each)."""
+
+
+def _print_started(server: Server) -> None:
+    print(f"TorchServe is READY: {', '.join(server.models)}")
+    for model in server.models:
+        print(f"  inference   {server.inference_url}/predictions/{model}")
+    print(f"  management  {server.management_url}/models")
+    print(f"  metrics     {server.metrics_url}")
+    if server.token_auth:
+        print(f"  token       python -m serving.server key   (reads {server.state_dir / KEY_FILE})")
+        print(f'  example     curl -H "Authorization: Bearer $(python -m serving.server key)" '
+              f'-H "X-Compute-Budget: 10" -H "Content-Type: image/png" --data-binary @digit.png '
+              f"{server.inference_url}/predictions/{server.models[0]}")
+    print(f"  logs        {server.log_dir}   stop: make stop")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (module docstring). Exit status: 0 done, 1 a failed start/stop/probe, 2 a refused configuration."""
     p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="start TorchServe and wait until every model has a READY worker")
-    start.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
-    start.add_argument("--models", nargs="+", default=["all"], help="'all' or NAME.mar / NAME=NAME.mar entries")
-    start.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
-    start.add_argument("--port", type=int, default=8080,
-                       help="inference port; management and metrics are the next two (gRPC/worker ports: free ones)")
-    start.add_argument("--no-token-auth", action="store_true", help="local work only: no Authorization header")
-    start.add_argument("--timeout", type=float, default=180.0)
+    start = sub.add_parser("start", help="check the configuration, start TorchServe, wait for a READY worker")
+    _launch_args(start)
+    start.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY workers")
+    start.add_argument("--foreground", action="store_true",
+                       help="stay until TorchServe exits or SIGTERM/SIGINT arrives (then stop it): the container")
+    check = sub.add_parser("check", help="render and check the configuration; print it (exit 2 if refused)")
+    _launch_args(check)
+    health = sub.add_parser("healthcheck", help="exit 0 when every registered model has a READY worker")
+    _state_dir_arg(health)
+    health.add_argument("--timeout", type=float, default=4.0, help="seconds per HTTP call")
     stop = sub.add_parser("stop", help="stop the server started from --state-dir")
-    stop.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    _state_dir_arg(stop)
     key = sub.add_parser("key", help="print a token from the running server's key file")
-    key.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    _state_dir_arg(key)
     key.add_argument("--kind", choices=[k.value for k in KeyKind], default=KeyKind.INFERENCE.value)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         if args.command == "start":
-            ports = Ports()
-            if args.port != ports.inference:  # a second server: gRPC and worker ports must not clash either
-                free = Ports.free()
-                ports = Ports(args.port, args.port + 1, args.port + 2, free.grpc_inference, free.grpc_management,
-                              free.worker)
-            server = start_server(args.model_store, args.models, args.state_dir, ports,
-                                  token_auth=not args.no_token_auth, ready_timeout=args.timeout)
-            print(f"TorchServe is READY: {', '.join(server.models)}")
-            for model in server.models:
-                print(f"  inference   {server.inference_url}/predictions/{model}")
-            print(f"  management  {server.management_url}/models")
-            print(f"  metrics     {server.metrics_url}")
-            if server.token_auth:
-                print(f"  token       python -m serving.server key   (reads {server.state_dir / KEY_FILE})")
-                print(f'  example     curl -H "Authorization: Bearer $(python -m serving.server key)" '
-                      f'-H "X-Compute-Budget: 10" -H "Content-Type: image/png" --data-binary @digit.png '
-                      f"{server.inference_url}/predictions/"
-                      f"{server.models[0]}")
-            print(f"  logs        {server.log_dir}   stop: make stop")
+            launch = _launch(args)
+            _checked(launch)
+            server = start_launch(launch, args.timeout)
+            _print_started(server)
+            if args.foreground:
+                sys.stdout.flush()
+                return serve_foreground(server)
+        elif args.command == "check":
+            print(_checked(_launch(args)).read_text(), end="")
+        elif args.command == "healthcheck":
+            healthcheck(args.state_dir, args.timeout)
+            print("healthy")
         elif args.command == "stop":
             print("stopped" if stop_server(args.state_dir) else f"no server running from {args.state_dir}")
         else:
             print(read_key(args.state_dir, KeyKind(args.kind)))
+    except ConfigRefused:
+        return EXIT_CHECK_FAILED
     except ServerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        prefix = "unhealthy" if args.command == "healthcheck" else "error"
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -111,8 +111,18 @@ def test_serving_runtime_matches_the_image_and_the_k8s_deployment() -> None:
     assert security["runAsUser"] == deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
 
 
-def test_entrypoint_reads_the_model_store_variable() -> None:
+def test_entrypoint_reads_the_model_store_variable(tmp_path: Path) -> None:
     """EE_MODEL_STORE (set to KServe's /mnt/models) is what the entrypoint serves."""
-    entrypoint = (REPO / "docker" / "entrypoint.sh").read_text()
-    assert 'EE_MODEL_STORE="${EE_MODEL_STORE:-' in entrypoint
-    assert "model_store=${EE_MODEL_STORE}" in entrypoint
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "mnt-models"
+    store.mkdir()
+    (store / "mnist.mar").write_bytes(b"PK")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("EE_")}, "EE_HOME": str(tmp_path),
+           "EE_MODEL_STORE": str(store), "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", str(REPO / "docker" / "entrypoint.sh"), "check"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert f"model_store={store}" in proc.stdout.splitlines()

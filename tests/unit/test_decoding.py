@@ -111,8 +111,8 @@ def raw_png(rows: list[bytes], width: int, height: int, bit_depth: int, colour_t
             + png_chunk(b"IEND", b""))
 
 
-# ------------------------------------------------------------------------------------------ the known faults a-f
-def test_fault_a_jpeg_upside_down_with_exif_orientation_3_decodes_upright() -> None:
+# ------------------------------------------------- images as viewers show them; JSON and multipart edge cases
+def test_jpeg_upside_down_with_exif_orientation_3_decodes_upright() -> None:
     exif = Image.Exif()
     exif[ORIENTATION] = 3
     stored = Image.fromarray(np.ascontiguousarray(INK[::-1, ::-1]))
@@ -124,7 +124,7 @@ def test_fault_a_jpeg_upside_down_with_exif_orientation_3_decodes_upright() -> N
     assert float(np.abs(ignored - REF[:, ::-1, ::-1]).mean()) < 0.02  # the test is not vacuous
 
 
-def test_fault_b_sixteen_bit_grey_png_equals_the_eight_bit_png() -> None:
+def test_sixteen_bit_grey_png_equals_the_eight_bit_png() -> None:
     sixteen = Image.fromarray(INK.astype(np.uint16) * 257)
     assert sixteen.mode == "I;16"
     x = decode(encode(sixteen)).x
@@ -132,7 +132,7 @@ def test_fault_b_sixteen_bit_grey_png_equals_the_eight_bit_png() -> None:
     np.testing.assert_array_equal(x, REF)
 
 
-def test_fault_c_rgba_white_ink_over_stored_white_decodes_white_on_black() -> None:
+def test_rgba_white_ink_over_stored_white_decodes_white_on_black() -> None:
     rgba = np.full((*INK.shape, 4), 255, dtype=np.uint8)
     rgba[..., 3] = INK  # ink = alpha; the fully transparent pixels are stored white
     body = encode(Image.fromarray(rgba))
@@ -143,7 +143,7 @@ def test_fault_c_rgba_white_ink_over_stored_white_decodes_white_on_black() -> No
 
 
 @pytest.mark.parametrize("digits", [40, 400, 5000])
-def test_fault_d_huge_integer_literal_is_out_of_range(digits: int) -> None:
+def test_huge_integer_literal_is_out_of_range(digits: int) -> None:
     cells = [[0.0] * 28 for _ in range(28)]
     body = json_body({"data": [cells]}).replace(b"0.0", b"1" * digits, 1)
     error = rejected(body, "application/json")
@@ -152,7 +152,7 @@ def test_fault_d_huge_integer_literal_is_out_of_range(digits: int) -> None:
     assert f"{digits} digits" in error.message
 
 
-def test_fault_e_json_with_utf8_bom_is_accepted() -> None:
+def test_json_with_utf8_bom_is_accepted() -> None:
     body = b"\xef\xbb\xbf" + json_body({"data": REF.tolist()})
     decoded = decode(body, "application/json")
     np.testing.assert_array_equal(decoded.x, REF)
@@ -160,7 +160,7 @@ def test_fault_e_json_with_utf8_bom_is_accepted() -> None:
     np.testing.assert_array_equal(decode(body.decode("utf-8"), "text/plain").x, REF)  # a text/* body: str
 
 
-def test_fault_f_multipart_with_two_fields_is_rejected() -> None:
+def test_multipart_with_two_fields_is_rejected() -> None:
     headers = {"Content-Type": "multipart/form-data; boundary=----x"}
     error = rejected(row={"data": grey_png(), "other": grey_png()}, headers=headers)
     assert error.reason is RejectReason.TOO_MANY_INPUTS

@@ -81,3 +81,31 @@ def test_read_key(tmp_path: Path) -> None:
                                         (b'{"data": []}', "application/json")])
 def test_client_content_type(body: bytes, kind: str) -> None:
     assert client.guess_content_type(body) == kind
+
+
+def test_properties_are_read_as_java_reads_them_and_rendered_once(tmp_path: Path) -> None:
+    template = tmp_path / "t.properties"
+    template.write_text("# a: comment\nenable_model_api=false\nmetrics_mode : log\n! other comment\n"
+                        "enable_model_api: true\n")
+    assert server.read_properties(template) == {"enable_model_api": "true", "metrics_mode": "log"}  # last wins
+    out = server.render_config(template, tmp_path / "o.properties", {"enable_model_api": "false", "x": "1"})
+    assert out.read_text().splitlines() == ["# a: comment", "enable_model_api=false", "metrics_mode : log",
+                                            "! other comment", "x=1"]
+    assert server.read_properties(tmp_path / "missing") == {}
+
+
+def test_server_is_read_back_from_its_rendered_config(tmp_path: Path) -> None:
+    launch = server.Launch(tmp_path, ("all",), tmp_path / "state", server.Ports(18080, 18081, 18082), bind="0.0.0.0",
+                           token_auth=False)
+    launch.render()
+    back = server.Server.from_state_dir(tmp_path / "state")
+    assert (back.ports.inference, back.ports.management, back.ports.metrics) == (18080, 18081, 18082)
+    assert back.token_auth is False and back.management_url == "http://127.0.0.1:18081"
+    with pytest.raises(server.ServerError, match="no config.properties"):
+        server.Server.from_state_dir(tmp_path / "elsewhere")
+
+
+def test_token_auth_modes_are_a_closed_set() -> None:
+    assert server.TokenAuth.parse("on") is server.TokenAuth.ON
+    with pytest.raises(server.ServerError, match="EE_TOKEN_AUTH must be 'on' or 'off-behind-gateway', got 'off'"):
+        server.TokenAuth.parse("off")

@@ -1,0 +1,66 @@
+"""docker-compose.yml (and the GPU override), checked without a Docker engine: mounted files exist, Prometheus
+scrapes the server, the management API is not published, Prometheus and Grafana stay on loopback unless
+MONITORING_BIND opens them, Grafana needs a chosen admin password."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.deploy_files import ComposeVariableError, interpolate, published
+from tests.promtools import PROMETHEUS_YML, REPO, load_yaml
+
+
+def test_monitoring_is_on_loopback_unless_opened_and_grafana_needs_a_chosen_password() -> None:
+    compose = load_yaml(REPO / "docker-compose.yml")
+    services = compose["services"]
+    for name, port in (("prometheus", "9090"), ("grafana", "3000")):
+        (entry,) = services[name]["ports"]
+        assert published(entry, {}) == ("127.0.0.1", port, port), f"{name} must default to loopback"
+        assert published(entry, {"MONITORING_BIND": "0.0.0.0"}) == ("0.0.0.0", port, port), \
+            f"{name}: MONITORING_BIND (documented) must open it"
+    # The server's own ports stay published (token on inference); the management API never is.
+    assert {published(p, {})[2] for p in services["torchserve"]["ports"]} == {"8080", "8082"}
+    grafana = services["grafana"]["environment"]
+    with pytest.raises(ComposeVariableError, match="GRAFANA_ADMIN_PASSWORD"):
+        interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], {})
+    assert interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], {"GRAFANA_ADMIN_PASSWORD": "s3cret"}) == "s3cret"
+    assert str(grafana["GF_AUTH_ANONYMOUS_ENABLED"]).lower() == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana
+    assert str(grafana.get("GF_USERS_ALLOW_SIGN_UP", "false")).lower() == "false"
+    docs = (REPO / "docs" / "deploy-and-monitor.md").read_text()
+    assert "MONITORING_BIND" in docs and "GRAFANA_ADMIN_PASSWORD" in docs
+
+
+def test_compose_interpolation_helper() -> None:
+    assert interpolate("${A:-x}:${B}", {"B": "b"}) == "x:b"
+    assert interpolate("${A:-x}", {"A": "a"}) == "a"
+    with pytest.raises(ComposeVariableError, match="A: say it"):
+        interpolate("${A:?say it}", {"A": ""})
+    assert published("8080:8080", {}) == ("0.0.0.0", "8080", "8080")
+
+
+def test_compose_mounts_existing_files_and_prometheus_scrapes_the_server() -> None:
+    compose = load_yaml(REPO / "docker-compose.yml")
+    assert set(compose["services"]) == {"torchserve", "prometheus", "grafana"}
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name} mounts missing {source}"
+    build = compose["services"]["torchserve"]["build"]
+    assert (REPO / build["context"] / "Dockerfile").is_file() and build["args"]["VARIANT"] == "cpu"
+    ports = compose["services"]["torchserve"]["ports"]
+    assert any(p.startswith("8080:") for p in ports) and any(p.startswith("8082:") for p in ports)
+    assert not any(p.split(":")[-1] == "8081" for p in ports), "the management API must not be published"
+    # Prometheus reads /etc/prometheus/prometheus.yml and its rule file relative to it.
+    prom_mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["services"]["prometheus"]["volumes"]
+                       if v.startswith("./"))
+    config_in_container = Path(prom_mounts["./monitoring/prometheus.yml"])
+    assert f"--config.file={config_in_container}" in compose["services"]["prometheus"]["command"]
+    for rule_file in load_yaml(PROMETHEUS_YML)["rule_files"]:
+        assert str(config_in_container.parent / rule_file) in prom_mounts.values()
+    (job,) = [j for j in load_yaml(PROMETHEUS_YML)["scrape_configs"] if j["job_name"] == "torchserve"]
+    assert job["static_configs"][0]["targets"] == ["torchserve:8082"]
+    gpu = load_yaml(REPO / "docker-compose.gpu.yml")["services"]["torchserve"]
+    assert gpu["build"]["args"]["VARIANT"] == "gpu"
