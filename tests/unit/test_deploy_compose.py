@@ -19,8 +19,10 @@ def test_monitoring_is_on_loopback_unless_opened_and_grafana_needs_a_chosen_pass
         assert published(entry, {}) == ("127.0.0.1", port, port), f"{name} must default to loopback"
         assert published(entry, {"MONITORING_BIND": "0.0.0.0"}) == ("0.0.0.0", port, port), \
             f"{name}: MONITORING_BIND (documented) must open it"
-    # The server's own ports stay published (token on inference); the management API never is.
-    assert {published(p, {})[2] for p in services["torchserve"]["ports"]} == {"8080", "8082"}
+    # TorchServe publishes nothing (the proxy and Prometheus reach it on the compose network); the only
+    # published inference port is the proxy's HTTPS one.
+    assert "ports" not in services["torchserve"]
+    assert {published(p, {})[2] for p in services["proxy"]["ports"]} == {"8443"}
     grafana = services["grafana"]["environment"]
     with pytest.raises(ComposeVariableError, match="GRAFANA_ADMIN_PASSWORD"):
         interpolate(grafana["GF_SECURITY_ADMIN_PASSWORD"], {})
@@ -42,7 +44,7 @@ def test_compose_interpolation_helper() -> None:
 
 def test_compose_mounts_existing_files_and_prometheus_scrapes_the_server() -> None:
     compose = load_yaml(REPO / "docker-compose.yml")
-    assert set(compose["services"]) == {"torchserve", "prometheus", "grafana"}
+    assert set(compose["services"]) == {"torchserve", "proxy", "prometheus", "grafana"}
     for name, service in compose["services"].items():
         for volume in service.get("volumes", []):
             source = volume.split(":", 1)[0]
@@ -50,9 +52,11 @@ def test_compose_mounts_existing_files_and_prometheus_scrapes_the_server() -> No
                 assert (REPO / source).exists(), f"{name} mounts missing {source}"
     build = compose["services"]["torchserve"]["build"]
     assert (REPO / build["context"] / "Dockerfile").is_file() and build["args"]["VARIANT"] == "cpu"
-    ports = compose["services"]["torchserve"]["ports"]
-    assert any(p.startswith("8080:") for p in ports) and any(p.startswith("8082:") for p in ports)
-    assert not any(p.split(":")[-1] == "8081" for p in ports), "the management API must not be published"
+    exposed = {str(p) for p in compose["services"]["torchserve"]["expose"]}
+    assert exposed == {"8080", "8082"}, "only inference (for the proxy) and metrics (for Prometheus)"
+    for service in compose["services"].values():
+        ports = [str(p) for p in service.get("ports", [])]
+        assert not any(p.split(":")[-1] == "8081" for p in ports), "the management API must not be published"
     # Prometheus reads /etc/prometheus/prometheus.yml and its rule file relative to it.
     prom_mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["services"]["prometheus"]["volumes"]
                        if v.startswith("./"))
