@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from serving.rejections import RejectReason, RequestRejected, clip
+from serving.rejections import RejectReason, RequestRejected, clip, printable
 
 __all__ = [
     "BodyFormat",
@@ -558,7 +558,7 @@ def _load_image(payload: bytes, spec: InputSpec) -> tuple[Image.Image, str | Non
         raise RequestRejected(RejectReason.PAYLOAD_TOO_LARGE, "image is too large to decode (decompression-bomb "
                               f"limit); the limit is {limit} pixels", max_image_pixels=limit) from None
     except _PILLOW_DECODE_ERRORS as exc:
-        logger.debug("image decoding failed: %s: %s", type(exc).__name__, exc)
+        logger.debug("image decoding failed: %s: %s", type(exc).__name__, printable(exc))
         if payload.startswith((PNG_MAGIC, JPEG_MAGIC)):
             message = "body is a corrupt or truncated PNG/JPEG image"
         else:
