@@ -131,11 +131,12 @@ class BodyFormat(str, Enum):
 # Input limits derived from the model's input (`derive_limits`). n = C x H x W input values, A = H x W pixels.
 JSON_BYTES_PER_VALUE = 48  # a float64 written with 17 digits, indented as json.dumps(indent=4) nests it
 JSON_OVERHEAD_BYTES = 4096  # keys, v2 "name"/"shape"/"datatype"/"id", whitespace
-PNG_PIXELS_PER_INPUT_PIXEL = 64  # PNG decodes every pixel: up to 8x the input's side
+PNG_PIXELS_PER_INPUT_PIXEL = 32  # PNG decodes every pixel: up to 5.7x the input's side
 PNG_BYTES_PER_PIXEL = 8  # 16-bit RGBA, stored (incompressible) at the pixel limit
 PNG_OVERHEAD_BYTES = 64 << 10  # ancillary chunks (ICC profile, EXIF, text)
-JPEG_PIXELS_PER_PNG_PIXEL = 32  # draft mode decodes at 1/2, 1/4 or 1/8 scale: 1/64 of the pixels at best
-JPEG_BYTES_PER_PNG_PIXEL = 1  # entropy decoding touches every byte: one byte costs about one PNG pixel
+JPEG_PIXELS_PER_PNG_PIXEL = 16  # draft mode decodes at up to 1/8 scale, but every 8x8 block is still read
+JPEG_PNG_PIXELS_PER_BYTE = 2  # entropy decoding reads every byte: a progressive JPEG byte costs ~2 PNG pixels
+JPEG_OVERHEAD_BYTES = 4096  # markers, quantization and Huffman tables (about 600 bytes), a short EXIF block
 PHOTO_JPEG_PIXELS = 1 << 24  # a 3-channel model takes photos: a 16.8-megapixel camera JPEG always fits
 PHOTO_JPEG_BYTES = 8 << 20  # ... of up to 8 MiB (a 12-megapixel phone photo is 2.5-6 MB)
 MAX_IMAGE_PIXELS_CAP = 1 << 26  # never more, whatever the model (Pillow's own bomb warning is at 89.5 M)
@@ -169,9 +170,9 @@ def derive_limits(shape: tuple[int, int, int], max_payload_bytes: int | None = N
 
     n = C*H*W values, A = H*W pixels:
         JSON   bytes   48 n + 4096
-        PNG    pixels  64 A (8x the input side; every pixel is decoded)
+        PNG    pixels  32 A (every pixel is decoded)
                bytes   8 pixels + 64 KiB (16-bit RGBA stored uncompressed, plus ancillary chunks)
-        JPEG   pixels  32 x PNG pixels (draft mode decodes at up to 1/8 scale), bytes = PNG pixels (entropy work);
+        JPEG   pixels  16 x PNG pixels (draft mode decodes at up to 1/8 scale), bytes PNG pixels / 2 + 4 KiB (entropy work, tables);
                        a 3-channel (photo) model gets at least 2^24 pixels and 8 MiB, so a camera photo fits
         pixels never above 2^26.
     max_payload_bytes replaces every byte limit, max_image_pixels both pixel limits.
@@ -180,7 +181,7 @@ def derive_limits(shape: tuple[int, int, int], max_payload_bytes: int | None = N
     area = height * width
     png_pixels = min(PNG_PIXELS_PER_INPUT_PIXEL * area, MAX_IMAGE_PIXELS_CAP)
     jpeg_pixels = JPEG_PIXELS_PER_PNG_PIXEL * png_pixels
-    jpeg_bytes = JPEG_BYTES_PER_PNG_PIXEL * png_pixels
+    jpeg_bytes = png_pixels // JPEG_PNG_PIXELS_PER_BYTE + JPEG_OVERHEAD_BYTES
     if channels == 3:
         jpeg_pixels, jpeg_bytes = max(jpeg_pixels, PHOTO_JPEG_PIXELS), max(jpeg_bytes, PHOTO_JPEG_BYTES)
     limits = InputLimits(json_bytes=JSON_BYTES_PER_VALUE * channels * area + JSON_OVERHEAD_BYTES,
@@ -317,7 +318,8 @@ def _decode_bytes(payload: bytes, mime: str, spec: InputSpec) -> DecodedInput:
         raise _empty_body()
     if text_start[:1] in (b"{", b"[") or mime == "application/json" or mime.endswith("+json") \
             or mime.startswith("text/"):
-        return _decode_document(_parse_json(_check_size(payload, BodyFormat.JSON, spec)), spec)
+        _check_size(payload, BodyFormat.JSON, spec)
+        return _decode_document(_parse_json(_check_value_count(payload, spec)), spec)
     return DecodedInput(decode_image(payload, spec), Protocol.RAW)
 
 
@@ -346,6 +348,20 @@ def _parse_json(payload: bytes) -> Any:
                               f"column {exc.colno}") from None
     except RecursionError:
         raise RequestRejected(RejectReason.BAD_JSON, "body is not valid JSON: nested too deeply") from None
+
+
+def _check_value_count(payload: bytes, spec: InputSpec) -> bytes:
+    """`payload` unless its commas show more values than any accepted document holds, else WRONG_SHAPE, before
+    parsing: each number costs a Python call (`_parse_int`/`_parse_float`, about 1 us), so 20 000 one-digit numbers
+    in a body within the byte limit would cost 100x a small model's pass. An accepted document has fewer commas than
+    C*H*W values + C*H + C list separators + its v2 keys and strings (name and id, MAX_NAME_CHARS each)."""
+    channels, height, width = spec.shape
+    allowed = channels * height * width + channels * height + channels + 2 * MAX_NAME_CHARS + 64
+    commas = payload.count(b",")
+    if commas > allowed:
+        raise RequestRejected(RejectReason.WRONG_SHAPE, f"body holds about {commas + 1} values or more; shape "
+                              f"{list(spec.shape)} has {channels * height * width}", expected_shape=list(spec.shape))
+    return payload
 
 
 def _parse_int(literal: str) -> int:

@@ -276,6 +276,17 @@ def test_json_nested_deeper_than_the_input_rank_is_a_400(depth: int) -> None:
             assert "nested deeper than 4 lists" in error.message
 
 
+def test_json_with_many_short_numbers_is_refused_before_it_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = b'{"data": [' + b",".join([b"0"] * 5000) + b"]}"  # within the byte limit: 10 kB
+    assert len(body) < SPEC.limits.json_bytes
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("parsed"))
+    error = rejected(body, "application/json")
+    assert error.reason is RejectReason.WRONG_SHAPE and "5000 values" in error.message
+    names = json_body(v2_request(id="," * 256) | {"inputs": [{**v2_request()["inputs"][0], "name": "," * 256}]})
+    monkeypatch.undo()
+    assert decode(names).request_id == "," * 256  # commas inside the longest strings still fit
+
+
 def test_json_with_more_values_than_the_input_is_refused_before_numpy_sees_it() -> None:
     huge = {"data": [[[0.5] * 28] * 28] * 5000}  # as TorchServe would hand over a parsed body: no byte limit
     error = rejected(row={"body": huge})
@@ -569,12 +580,12 @@ def test_pixel_limit_is_413_before_decoding() -> None:
 
 
 @pytest.mark.parametrize("shape, limits", [
-    ((1, 28, 28), InputLimits(json_bytes=41_728, png_bytes=466_944, png_pixels=50_176, jpeg_bytes=50_176,
-                              jpeg_pixels=1_605_632)),
-    ((3, 32, 32), InputLimits(json_bytes=151_552, png_bytes=589_824, png_pixels=65_536, jpeg_bytes=8 << 20,
+    ((1, 28, 28), InputLimits(json_bytes=41_728, png_bytes=266_240, png_pixels=25_088, jpeg_bytes=16_640,
+                              jpeg_pixels=401_408)),
+    ((3, 32, 32), InputLimits(json_bytes=151_552, png_bytes=327_680, png_pixels=32_768, jpeg_bytes=8 << 20,
                               jpeg_pixels=1 << 24)),
-    ((3, 224, 224), InputLimits(json_bytes=7_229_440, png_bytes=25_755_648, png_pixels=3_211_264,
-                                jpeg_bytes=8 << 20, jpeg_pixels=1 << 26)),
+    ((3, 224, 224), InputLimits(json_bytes=7_229_440, png_bytes=12_910_592, png_pixels=1_605_632,
+                                jpeg_bytes=8 << 20, jpeg_pixels=25_690_112)),
 ])
 def test_limits_are_derived_from_the_input_shape_per_format(shape: tuple[int, int, int], limits: InputLimits) -> None:
     assert derive_limits(shape) == limits == InputSpec(shape).limits
@@ -602,17 +613,17 @@ def test_a_photo_model_accepts_a_twelve_megapixel_camera_jpeg() -> None:
         x = decode(photo, "image/jpeg", InputSpec(shape)).x
         assert x.shape == shape and 0.3 < float(x.mean()) < 0.8
     error = rejected(photo, "image/jpeg", InputSpec((1, 28, 28)))
-    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_payload_bytes"] == 466_944
+    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_payload_bytes"] == 266_240
 
 
 def test_a_digit_model_refuses_a_large_png_before_decoding_it() -> None:
     spec = InputSpec((1, 28, 28))
-    side = math.isqrt(spec.limits.png_pixels)  # 224 x 224 is the largest square PNG it takes
+    side = math.isqrt(spec.limits.png_pixels)  # 158 x 158 is the largest square PNG it takes
     assert decode(grey_png(make_digit(side, side)), "image/png", spec).x.shape == (1, 28, 28)
     flat = encode(Image.new("L", (4000, 4000)), "PNG")  # 16 megapixels in 20 kB: small in bytes, not to decode
     assert len(flat) < spec.limits.png_bytes
     error = rejected(flat, "image/png", spec)
-    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_image_pixels"] == 50_176
+    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_image_pixels"] == 25_088
 
 
 def test_byte_limits_follow_the_body_format() -> None:
@@ -785,8 +796,8 @@ def json_data(draw: st.DrawFn, shape: tuple[int, int, int]) -> tuple[Any, np.nda
         row = data
         while isinstance(row[0], list):
             row = row[draw(st.integers(0, len(row) - 1))]
-        row[draw(st.integers(0, len(row) - 1))] = draw(JSON_LEAVES.filter(lambda v: not isinstance(v, float)
-                                                                          or not 0.0 <= v <= 1.0))
+        row[draw(st.integers(0, len(row) - 1))] = draw(JSON_LEAVES.filter(  # anything but a number in [0, 1]
+            lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0))
         expected = None
     elif change == "tree":
         data, expected = draw(json_trees), None

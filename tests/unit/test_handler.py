@@ -621,14 +621,14 @@ def test_response_detail_is_a_closed_set(model_dir: Path) -> None:
 
 
 def test_limits_are_derived_from_the_manifest_input(served) -> None:
-    handler, ctx = served  # the toy model takes 1 x 4 x 4: PNGs up to 64 x 16 pixels, JSON up to 4864 bytes
+    handler, ctx = served  # the toy model takes 1 x 4 x 4: PNGs up to 32 x 16 pixels, JSON up to 4864 bytes
     limits = handler.input_spec.limits
-    assert (limits.png_pixels, limits.json_bytes) == (1024, 4864)
-    results = run_batch(handler, ctx, [(png(np.zeros((32, 32), dtype=np.uint8)), {}),
-                                       (png(np.zeros((33, 32), dtype=np.uint8)), {}),
+    assert (limits.png_pixels, limits.json_bytes) == (512, 4864)
+    results = run_batch(handler, ctx, [(png(np.zeros((16, 32), dtype=np.uint8)), {}),
+                                       (png(np.zeros((17, 32), dtype=np.uint8)), {}),
                                        (b'{"data": ' + b" " * 4864 + b"[]}", {})])
     assert [r[0] for r in results] == [200, 413, 413]
-    assert results[1][2]["max_image_pixels"] == 1024 and results[2][2]["max_payload_bytes"] == 4864
+    assert results[1][2]["max_image_pixels"] == 512 and results[2][2]["max_payload_bytes"] == 4864
 
 
 def test_client_text_is_escaped_before_it_is_logged(served, caplog: pytest.LogCaptureFixture) -> None:
