@@ -86,11 +86,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(LEGACY_RNG_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused a global: nothing was called
+    except pickle.UnpicklingError as exc:  # weights_only refused a global (nothing was called), or not a pickle
         named = _REFUSED_GLOBAL.search(str(exc)) or _REFUSED_CLASS.search(str(exc))
-        what = f"the Python object {named.group(1)}" if named else "a Python object"
-        raise CheckpointError(f"{path} holds {what}, which a checkpoint may not hold: refused without running "
-                              "it (only tensors and plain values load)") from None
+        if named is None:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint (UnpicklingError)") from exc
+        raise CheckpointError(f"{path} holds the Python object {named.group(1)}, which a checkpoint may not hold: "
+                              "refused without running it (only tensors and plain values load)") from None
     except Exception as exc:  # torch raises many types for a foreign/corrupt file
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
