@@ -28,6 +28,7 @@ import numpy as np
 
 from early_exit.runner import StagedRunner
 from serving.metrics import MetricName, Metrics
+from serving.rejections import printable
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Auditor:
             try:
                 self._audit(job)
             except Exception:  # an audit must never take the worker down: logged, counted, and the loop goes on
-                log.exception("audit of request %s failed", job.request_id)
+                log.exception("audit of request %s failed", printable(job.request_id))
                 self.metrics.emit(MetricName.EARLY_EXIT_AUDIT, 1, str(job.exit + 1), AuditOutcome.ERROR.value,
                                   request_id=job.request_id)
             finally:

@@ -41,7 +41,7 @@ import math
 import struct
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -49,16 +49,19 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from early_exit.transform import EIGHT_BIT_BASE, EvalTransform, composite
-from serving.rejections import RejectReason, RequestRejected, clip
+from serving.rejections import RejectReason, RequestRejected, clip, printable
 
 __all__ = [
+    "BodyFormat",
     "DecodedInput",
+    "InputLimits",
     "InputSpec",
     "Protocol",
     "V2Datatype",
     "V2_OUTPUT_NAME",
     "decode_image",
     "decode_request",
+    "derive_limits",
     "header_value",
     "image_to_array",
     "v2_outputs",
@@ -114,6 +117,81 @@ class V2Datatype(str, Enum):
     FP64 = "FP64"
 
 
+class BodyFormat(str, Enum):
+    """What a body is, as far as its cost to decode goes (PNG decodes every pixel, JPEG at up to 1/8 scale)."""
+
+    JSON = "json"
+    PNG = "png"
+    JPEG = "jpeg"
+
+
+# Input limits derived from the model's input (`derive_limits`). n = C x H x W input values, A = H x W pixels.
+JSON_BYTES_PER_VALUE = 48  # a float64 written with 17 digits, indented as json.dumps(indent=4) nests it
+JSON_OVERHEAD_BYTES = 4096  # keys, v2 "name"/"shape"/"datatype"/"id", whitespace
+PNG_PIXELS_PER_INPUT_PIXEL = 32  # PNG decodes every pixel: up to 5.7x the input's side
+PNG_BYTES_PER_PIXEL = 8  # 16-bit RGBA, stored (incompressible) at the pixel limit
+PNG_OVERHEAD_BYTES = 64 << 10  # ancillary chunks (ICC profile, EXIF, text)
+JPEG_PIXELS_PER_PNG_PIXEL = 16  # draft mode decodes at up to 1/8 scale, but every 8x8 block is still read
+JPEG_PNG_PIXELS_PER_BYTE = 2  # entropy decoding reads every byte: a progressive JPEG byte costs ~2 PNG pixels
+JPEG_OVERHEAD_BYTES = 4096  # markers, quantization and Huffman tables (about 600 bytes), a short EXIF block
+PHOTO_JPEG_PIXELS = 1 << 24  # a 3-channel model takes photos: a 16.8-megapixel camera JPEG always fits
+PHOTO_JPEG_BYTES = 8 << 20  # ... of up to 8 MiB (a 12-megapixel phone photo is 2.5-6 MB)
+MAX_IMAGE_PIXELS_CAP = 1 << 26  # never more, whatever the model (Pillow's own bomb warning is at 89.5 M)
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one request may cost to decode, per body format (bytes of the body; width x height declared)."""
+
+    json_bytes: int
+    png_bytes: int
+    png_pixels: int
+    jpeg_bytes: int
+    jpeg_pixels: int
+
+    def max_bytes(self, fmt: BodyFormat | None = None) -> int:
+        """The byte limit of `fmt`; None: the largest of all (checked before the body is looked at)."""
+        if fmt is None:
+            return max(self.json_bytes, self.png_bytes, self.jpeg_bytes)
+        return {BodyFormat.JSON: self.json_bytes, BodyFormat.PNG: self.png_bytes,
+                BodyFormat.JPEG: self.jpeg_bytes}[fmt]
+
+    def max_pixels(self, fmt: BodyFormat) -> int:
+        """The declared width x height limit of an image format (PNG or JPEG)."""
+        return self.jpeg_pixels if fmt is BodyFormat.JPEG else self.png_pixels
+
+
+def derive_limits(shape: tuple[int, int, int], max_payload_bytes: int | None = None,
+                  max_image_pixels: int | None = None) -> InputLimits:
+    """Per-format request limits for a model whose input is `shape` (C, H, W); explicit limits override.
+
+    n = C*H*W values, A = H*W pixels:
+        JSON   bytes   48 n + 4096
+        PNG    pixels  32 A (every pixel is decoded)
+               bytes   8 pixels + 64 KiB (16-bit RGBA stored uncompressed, plus ancillary chunks)
+        JPEG   pixels  16 x PNG pixels (draft mode decodes at up to 1/8 scale), bytes PNG pixels / 2 + 4 KiB (entropy work, tables);
+                       a 3-channel (photo) model gets at least 2^24 pixels and 8 MiB, so a camera photo fits
+        pixels never above 2^26.
+    max_payload_bytes replaces every byte limit, max_image_pixels both pixel limits.
+    """
+    channels, height, width = (int(d) for d in shape)
+    area = height * width
+    png_pixels = min(PNG_PIXELS_PER_INPUT_PIXEL * area, MAX_IMAGE_PIXELS_CAP)
+    jpeg_pixels = JPEG_PIXELS_PER_PNG_PIXEL * png_pixels
+    jpeg_bytes = png_pixels // JPEG_PNG_PIXELS_PER_BYTE + JPEG_OVERHEAD_BYTES
+    if channels == 3:
+        jpeg_pixels, jpeg_bytes = max(jpeg_pixels, PHOTO_JPEG_PIXELS), max(jpeg_bytes, PHOTO_JPEG_BYTES)
+    limits = InputLimits(json_bytes=JSON_BYTES_PER_VALUE * channels * area + JSON_OVERHEAD_BYTES,
+                         png_bytes=PNG_BYTES_PER_PIXEL * png_pixels + PNG_OVERHEAD_BYTES, png_pixels=png_pixels,
+                         jpeg_bytes=jpeg_bytes, jpeg_pixels=min(jpeg_pixels, MAX_IMAGE_PIXELS_CAP))
+    if max_payload_bytes is not None:
+        limits = replace(limits, json_bytes=max_payload_bytes, png_bytes=max_payload_bytes,
+                         jpeg_bytes=max_payload_bytes)
+    if max_image_pixels is not None:
+        limits = replace(limits, png_pixels=max_image_pixels, jpeg_pixels=max_image_pixels)
+    return limits
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What the model takes and what a request may cost.
@@ -121,18 +199,22 @@ class InputSpec:
     shape               (C, H, W) of one input; images need C in {1, 3}.
     background          grey level in [0, 1] that transparent pixels are composited onto (0.0 = black, right for
                         MNIST / Fashion-MNIST: white ink on black).
-    max_payload_bytes   larger bodies are rejected (413) before any parsing.
-    max_image_pixels    images with more pixels (declared width x height) are rejected (413) before decoding.
+    max_payload_bytes   explicit body limit for every format; None: derived from `shape` per format
+                        (`derive_limits`). Larger bodies are rejected (413) before any parsing.
+    max_image_pixels    explicit limit on an image's declared width x height for PNG and JPEG; None: derived.
+                        Larger images are rejected (413) before decoding.
     transform           the model's evaluation transform (the manifest's `input_transform`), applied to every
                         image; None: `EvalTransform.for_shape(shape)`. Its input_shape must be `shape`.
+    limits              the limits in force (derived in __post_init__).
     Raises ValueError for an inconsistent spec (a configuration error, not a request error).
     """
 
     shape: tuple[int, int, int]
     background: float = 0.0
-    max_payload_bytes: int = 1 << 20
-    max_image_pixels: int = 4096 * 4096
+    max_payload_bytes: int | None = None
+    max_image_pixels: int | None = None
     transform: EvalTransform | None = None
+    limits: InputLimits = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(not _is_int(d) or d < 1 for d in self.shape):
@@ -144,8 +226,9 @@ class InputSpec:
         object.__setattr__(self, "background", float(self.background))
         for name in ("max_payload_bytes", "max_image_pixels"):
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value}")
+        object.__setattr__(self, "limits", derive_limits(self.shape, self.max_payload_bytes, self.max_image_pixels))
         if self.shape[0] in (1, 3):  # other channel counts take JSON only
             transform = self.transform or EvalTransform.for_shape(self.shape)
             if transform.input_shape != self.shape:
@@ -228,20 +311,31 @@ def _empty_body() -> RequestRejected:
 
 
 def _decode_bytes(payload: bytes, mime: str, spec: InputSpec) -> DecodedInput:
-    """A raw body: size limit, then PNG/JPEG by magic number, JSON by its first character or its content type."""
-    if len(payload) > spec.max_payload_bytes:
-        raise RequestRejected(RejectReason.PAYLOAD_TOO_LARGE,
-                              f"body has {len(payload)} bytes, the limit is {spec.max_payload_bytes}",
-                              max_payload_bytes=spec.max_payload_bytes)
-    if payload.startswith((PNG_MAGIC, JPEG_MAGIC)):
-        return DecodedInput(decode_image(payload, spec), Protocol.RAW)
+    """A raw body: size limits (the largest first, then the format's), then PNG/JPEG by magic number, JSON by its
+    first character or its content type."""
+    _check_size(payload, None, spec)
+    if payload.startswith(PNG_MAGIC):
+        return DecodedInput(decode_image(_check_size(payload, BodyFormat.PNG, spec), spec), Protocol.RAW)
+    if payload.startswith(JPEG_MAGIC):
+        return DecodedInput(decode_image(_check_size(payload, BodyFormat.JPEG, spec), spec), Protocol.RAW)
     text_start = payload.removeprefix(UTF8_BOM).lstrip()
     if not text_start:
         raise _empty_body()
     if text_start[:1] in (b"{", b"[") or mime == "application/json" or mime.endswith("+json") \
             or mime.startswith("text/"):
-        return _decode_document(_parse_json(payload), spec)
+        _check_size(payload, BodyFormat.JSON, spec)
+        return _decode_document(_parse_json(_check_value_count(payload, spec)), spec)
     return DecodedInput(decode_image(payload, spec), Protocol.RAW)
+
+
+def _check_size(payload: bytes, fmt: BodyFormat | None, spec: InputSpec) -> bytes:
+    """`payload` if it is within the byte limit of `fmt` (None: of every format), else PAYLOAD_TOO_LARGE (413)."""
+    limit = spec.limits.max_bytes(fmt)
+    if len(payload) > limit:
+        what = f"the limit for a {fmt.name} body" if fmt is not None else "the limit"
+        raise RequestRejected(RejectReason.PAYLOAD_TOO_LARGE, f"body has {len(payload)} bytes, {what} is {limit}",
+                              max_payload_bytes=limit)
+    return payload
 
 
 # --------------------------------------------------------------------------------------------------------- JSON
@@ -259,6 +353,20 @@ def _parse_json(payload: bytes) -> Any:
                               f"column {exc.colno}") from None
     except RecursionError:
         raise RequestRejected(RejectReason.BAD_JSON, "body is not valid JSON: nested too deeply") from None
+
+
+def _check_value_count(payload: bytes, spec: InputSpec) -> bytes:
+    """`payload` unless its commas show more values than any accepted document holds, else WRONG_SHAPE, before
+    parsing: each number costs a Python call (`_parse_int`/`_parse_float`, about 1 us), so 20 000 one-digit numbers
+    in a body within the byte limit would cost 100x a small model's pass. An accepted document has fewer commas than
+    C*H*W values + C*H + C list separators + its v2 keys and strings (name and id, MAX_NAME_CHARS each)."""
+    channels, height, width = spec.shape
+    allowed = channels * height * width + channels * height + channels + 2 * MAX_NAME_CHARS + 64
+    commas = payload.count(b",")
+    if commas > allowed:
+        raise RequestRejected(RejectReason.WRONG_SHAPE, f"body holds about {commas + 1} values or more; shape "
+                              f"{list(spec.shape)} has {channels * height * width}", expected_shape=list(spec.shape))
+    return payload
 
 
 def _parse_int(literal: str) -> int:
@@ -303,12 +411,14 @@ def _numbers(data: Any, what: str, spec: InputSpec) -> np.ndarray:
     """A nested list of JSON numbers -> float64 array of its nesting shape.
 
     Raises BAD_JSON (not a list; strings, booleans, null or objects among the numbers), WRONG_SHAPE (ragged
-    nesting), OUT_OF_RANGE (an integer too large for a float).
+    nesting, nested deeper than the input's rank plus a batch axis, more values than the input has),
+    OUT_OF_RANGE (an integer too large for a float).
     """
     expected = list(spec.shape)
     if not isinstance(data, list):
         raise RequestRejected(RejectReason.BAD_JSON, f"{what} must be a (nested) list of numbers",
                               expected_shape=expected)
+    _check_nesting(data, what, spec)
     cells = np.array(data, dtype=object)  # ragged nesting stops at its regular part, leaving lists as cells
     kinds = set(map(type, cells.flat))
     if list in kinds:
@@ -323,6 +433,27 @@ def _numbers(data: Any, what: str, spec: InputSpec) -> np.ndarray:
     except OverflowError:  # an int from an already parsed body, beyond float64
         raise RequestRejected(RejectReason.OUT_OF_RANGE, f"{what} holds an integer beyond the float32 range") \
             from None
+
+
+def _check_nesting(data: list[Any], what: str, spec: InputSpec) -> None:
+    """Before numpy sees `data`: lists nested at most rank + 1 deep (C, H, W and a batch axis) holding at most
+    C*H*W entries on any level, else WRONG_SHAPE. Numpy refuses more than 32 dimensions with a ValueError, and a
+    body TorchServe parsed was never held to the byte limit: this walk costs at most (rank + 1) x C*H*W steps."""
+    expected = list(spec.shape)
+    max_depth = len(spec.shape) + 1
+    max_values = math.prod(spec.shape)
+    level: list[list[Any]] = [data]
+    for depth in range(1, max_depth + 1):
+        entries = sum(map(len, level))
+        if entries > max_values:
+            raise RequestRejected(RejectReason.WRONG_SHAPE, f"{what} holds more than the {max_values} values of "
+                                  f"shape {expected}", expected_shape=expected)
+        level = [child for item in level for child in item if isinstance(child, list)]
+        if not level:
+            return
+    raise RequestRejected(RejectReason.WRONG_SHAPE, f"{what} is nested deeper than {max_depth} lists; shape "
+                          f"{expected} has rank {len(expected)} ({max_depth} with a batch axis)",
+                          expected_shape=expected)
 
 
 def _check_values(array: np.ndarray, what: str) -> np.ndarray:
@@ -415,7 +546,7 @@ def v2_outputs(name: str, probs: np.ndarray) -> dict[str, Any]:
 def decode_image(payload: bytes, spec: InputSpec) -> np.ndarray:
     """PNG or JPEG bytes -> C x H x W float32 in [0, 1], as a viewer shows the image (see `image_to_array`).
 
-    Raises RequestRejected: PAYLOAD_TOO_LARGE (413: over spec.max_image_pixels, or Pillow's decompression-bomb
+    Raises RequestRejected: PAYLOAD_TOO_LARGE (413: over the format's pixel limit, or Pillow's decompression-bomb
     limit), UNDECODABLE_IMAGE (not PNG/JPEG, corrupt, truncated), UNSUPPORTED_IMAGE_MODE.
     """
     _require_image_channels(spec)
@@ -431,21 +562,23 @@ def _load_image(payload: bytes, spec: InputSpec) -> tuple[Image.Image, str | Non
     try:
         with Image.open(io.BytesIO(payload), formats=IMAGE_FORMATS) as opened:
             pixels = opened.width * opened.height
-            if pixels > spec.max_image_pixels:
+            fmt = BodyFormat.PNG if opened.format == "PNG" else BodyFormat.JPEG  # JPEG or MPO
+            limit = spec.limits.max_pixels(fmt)
+            if pixels > limit:
                 raise RequestRejected(RejectReason.PAYLOAD_TOO_LARGE,
-                                      f"image has {pixels} pixels, the limit is {spec.max_image_pixels}",
-                                      max_image_pixels=spec.max_image_pixels)
+                                      f"image has {pixels} pixels, the limit for a {fmt.name} image is {limit}",
+                                      max_image_pixels=limit)
             rawmode = _png_rawmode(opened)
             spec.transform.draft(opened)  # JPEG: decode at a reduced scale when it is much larger
             opened.load()
             ImageOps.exif_transpose(opened, in_place=True)  # upright as a viewer shows it
             return opened, rawmode
     except Image.DecompressionBombError:  # beyond Pillow's own pixel limit, before ours could look
+        limit = spec.limits.max_pixels(BodyFormat.PNG if payload.startswith(PNG_MAGIC) else BodyFormat.JPEG)
         raise RequestRejected(RejectReason.PAYLOAD_TOO_LARGE, "image is too large to decode (decompression-bomb "
-                              f"limit); the limit is {spec.max_image_pixels} pixels",
-                              max_image_pixels=spec.max_image_pixels) from None
+                              f"limit); the limit is {limit} pixels", max_image_pixels=limit) from None
     except _PILLOW_DECODE_ERRORS as exc:
-        logger.debug("image decoding failed: %s: %s", type(exc).__name__, exc)
+        logger.debug("image decoding failed: %s: %s", type(exc).__name__, printable(exc))
         if payload.startswith((PNG_MAGIC, JPEG_MAGIC)):
             message = "body is a corrupt or truncated PNG/JPEG image"
         else:

@@ -24,7 +24,9 @@ Response 200 (application/json)
      "exit_index" (1-based), "num_exits", "max_exit_allowed", "mflops_spent" (staged cost), "full_mflops",
      "budget_mflops", "budget_requested_mflops", "budget_source" ("header"|"default"), "budget_clipped",
      "calibrated_budget_mflops", "mode"}; a v2 request gets {"model_name", "id", "outputs": [...],
-     "parameters": {the same fields}}
+     "parameters": {the same fields}}. With the handler option response_detail: label (untrusted callers),
+     "confidence" and "top_k" are left out whatever top_k says, and a v2 answer's only output is the class
+     index (INT64, shape [1, 1], named "class_index").
     headers X-Exit-Index, X-Compute-Spent (MFLOPs), X-Compute-Budget-Applied
 Response 4xx/500 (application/json), for that request only; the rest of its batch is answered
     {"error": <what is wrong>, "reason": <RejectReason value>, "status": <code>, ...details}
@@ -48,10 +50,11 @@ from serving.audit import AuditJob, AuditOutcome, Auditor
 from serving.budget import BudgetResolver, Prepared
 from serving.decoding import InputSpec, Protocol, decode_request, v2_outputs
 from serving.metrics import MetricName, Metrics
-from serving.options import HandlerOptions, ServingMode
-from serving.rejections import HTTP_PHRASES, RejectReason, RequestRejected
+from serving.options import HandlerOptions, ResponseDetail, ServingMode
+from serving.rejections import HTTP_PHRASES, RejectReason, RequestRejected, printable
 
 logger = logging.getLogger(__name__)
+V2_CLASS_OUTPUT_NAME = "class_index"  # the v2 output tensor under response_detail label
 
 
 class EarlyExitHandler(BaseHandler):
@@ -97,9 +100,16 @@ class EarlyExitHandler(BaseHandler):
             raise ManifestError(f"max_budget_mflops {ceiling:g} is below the cheapest answer ({answer_costs[0]:g})")
         self.budgets = BudgetResolver(manifest, answer_costs, ceiling,
                                       use_calibration=self.options.mode is ServingMode.EARLY_EXIT)
+        # The client image goes through the transform the model was evaluated with (the manifest's).
         self.input_spec = InputSpec(tuple(manifest.input_shape), manifest.input_background,
-                                    self.options.max_payload_bytes, self.options.max_image_pixels)
+                                    self.options.max_payload_bytes, self.options.max_image_pixels,
+                                    transform=manifest.input_transform)
         self.full_mflops = manifest.cost.full
+        limits = self.input_spec.limits
+        logger.info("input limits (%s): JSON %d bytes; PNG %d pixels, %d bytes; JPEG %d pixels, %d bytes",
+                    "derived from the input shape" if self.options.max_payload_bytes is None
+                    and self.options.max_image_pixels is None else "options override the derived ones",
+                    limits.json_bytes, limits.png_pixels, limits.png_bytes, limits.jpeg_pixels, limits.jpeg_bytes)
         self._warm_up()
         early = [str(e.index) for e in manifest.exits[:-1]]
         if isinstance(self.runner, StagedRunner) and self.options.audit_rate > 0:
@@ -148,10 +158,11 @@ class EarlyExitHandler(BaseHandler):
             try:
                 prepared.append(self._prepare_one(idx, row))
             except RequestRejected as rejected:
-                logger.info("request %s rejected (%s): %s", request_id, rejected.reason.value, rejected.message)
+                logger.info("request %s rejected (%s): %s", printable(request_id), rejected.reason.value,
+                            printable(rejected.message))
                 prepared.append(rejected)
             except Exception:  # a bug must cost this request only, never its batch: logged, answered 500
-                logger.exception("request %s: unexpected error while reading it", request_id)
+                logger.exception("request %s: unexpected error while reading it", printable(request_id))
                 prepared.append(RequestRejected(RejectReason.INTERNAL_ERROR,
                                                 f"internal error while reading request {request_id}; "
                                                 "the server log has the details"))
@@ -202,9 +213,11 @@ class EarlyExitHandler(BaseHandler):
             self.context.set_response_header(idx, "X-Compute-Spent", f"{body['mflops_spent']:.6g}")
             self.context.set_response_header(idx, "X-Compute-Budget-Applied", f"{body['budget_mflops']:.6g}")
             if item.request.protocol is Protocol.OPEN_INFERENCE_V2:
+                outputs = (v2_outputs(item.request.input_name or "input", result.probs[row - 1])
+                           if self.options.response_detail is ResponseDetail.FULL
+                           else v2_class_output(body["class_index"]))
                 body = {"model_name": self.context.model_name, "id": item.request.request_id or
-                        self.context.get_request_id(idx), **v2_outputs(item.request.input_name or "input",
-                                                                       result.probs[row - 1]), "parameters": body}
+                        self.context.get_request_id(idx), **outputs, "parameters": body}
             responses.append(encode_json(body))
         for exit_index, count in sorted(exits.items()):
             self.metrics.count(MetricName.EARLY_EXIT_COUNT, count, str(exit_index))
@@ -217,17 +230,22 @@ class EarlyExitHandler(BaseHandler):
         return responses
 
     def _answer_body(self, item: Prepared, result: RunResult, row: int) -> dict[str, Any]:
+        """The answer's fields; with response_detail label, no probabilities, top-k or confidence."""
         manifest = self.model_manifest
         probs = result.probs[row]
-        order = np.argsort(-probs, kind="stable")[: min(self.options.top_k, len(probs))]
         label = (lambda c: manifest.classes[c] if c < len(manifest.classes) else str(c))
-        best = int(order[0])
+        best = int(np.argmax(probs))  # the first of equal maxima, as the stable sort of the top-k list
         budget = item.budget
+        scores: dict[str, Any] = {}
+        if self.options.response_detail is ResponseDetail.FULL:
+            order = np.argsort(-probs, kind="stable")[: min(self.options.top_k, len(probs))]
+            scores = {"confidence": float(result.confidence[row]),
+                      "top_k": [{"class_index": int(c), "label": label(int(c)), "probability": float(probs[c])}
+                                for c in order]}
         return {
             "class_index": best,
             "label": label(best),
-            "confidence": float(result.confidence[row]),
-            "top_k": [{"class_index": int(c), "label": label(int(c)), "probability": float(probs[c])} for c in order],
+            **scores,
             "exit_index": int(result.exits[row]) + 1,
             "num_exits": manifest.num_exits,
             "max_exit_allowed": budget.max_exit + 1,
@@ -257,6 +275,13 @@ class EarlyExitHandler(BaseHandler):
         for _ in output:
             self.metrics.observe(MetricName.REQUEST_LATENCY, elapsed)
         return output
+
+
+def v2_class_output(class_index: int) -> dict[str, Any]:
+    """The "outputs" of an Open Inference Protocol answer under response_detail label: the class index only,
+    {"outputs": [{"name": V2_CLASS_OUTPUT_NAME, "shape": [1, 1], "datatype": "INT64", "data": [class_index]}]}."""
+    return {"outputs": [{"name": V2_CLASS_OUTPUT_NAME, "shape": [1, 1], "datatype": "INT64",
+                         "data": [int(class_index)]}]}
 
 
 def encode_json(body: dict[str, Any]) -> str:

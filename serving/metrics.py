@@ -24,6 +24,8 @@ from typing import Any, Iterable
 from ts.metrics.metric_cache_errors import MetricsCacheKeyError
 from ts.metrics.metric_type_enum import MetricTypes
 
+from serving.rejections import printable
+
 log = logging.getLogger(__name__)
 
 LEVEL = "Model"  # TorchServe's Level dimension value for model metrics
@@ -116,8 +118,11 @@ class Metrics:
             atexit.register(self.close)
 
     def emit(self, name: MetricName, value: float, *dimensions: str, request_id: str = "") -> None:
-        """Write one metric line now (a histogram observation, a gauge value, or a counter increment)."""
-        self._metrics[name].add_or_update(value, [*dimensions, self.model_name, LEVEL], request_id)
+        """Write one metric line now (a histogram observation, a gauge value, or a counter increment).
+
+        request_id may come from the client (TorchServe takes an x-request-id header): it is escaped, since it ends
+        the metric line the frontend parses and a line break in it would start a forged one."""
+        self._metrics[name].add_or_update(value, [*dimensions, self.model_name, LEVEL], printable(request_id))
 
     def count(self, name: MetricName, value: float, *dimensions: str) -> None:
         """Add `value` (>= 0) to counter `name` for these dimension values; written by the next `flush`

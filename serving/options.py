@@ -21,6 +21,14 @@ class ServingMode(str, Enum):
     FULL_GRAPH_ONLY = "full_graph_only"
 
 
+class ResponseDetail(str, Enum):
+    """How much an answer says. FULL: probabilities, top-k and confidence; LABEL: the class, its label, the exit and
+    the compute only, for untrusted callers (scores are an oracle for black-box attacks)."""
+
+    FULL = "full"
+    LABEL = "label"
+
+
 class OptionsError(ValueError):
     """A `handler:` section that does not validate; the message is one line per problem."""
 
@@ -37,9 +45,12 @@ class HandlerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: ServingMode = ServingMode.EARLY_EXIT
-    max_payload_bytes: PositiveInt = 1 << 20  # request body limit (bytes)
-    max_image_pixels: PositiveInt = 4096 * 4096  # decoded image limit (width x height)
-    top_k: PositiveInt = 5  # classes listed in an answer
+    # Request limits; None derives them per body format from the manifest's input shape
+    # (serving/decoding.py derive_limits). A number applies to every format.
+    max_payload_bytes: PositiveInt | None = None  # request body limit (bytes)
+    max_image_pixels: PositiveInt | None = None  # image limit (declared width x height, PNG and JPEG)
+    top_k: PositiveInt = 5  # classes listed in an answer (response_detail full)
+    response_detail: ResponseDetail = ResponseDetail.FULL  # label: no probabilities, top-k or confidence
     intra_op_threads: PositiveInt = 1  # onnxruntime threads per session
     # Operator ceiling (MFLOPs per input): a larger request budget, or default, is clipped to it and the
     # answer says so. None: no ceiling.

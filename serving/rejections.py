@@ -13,9 +13,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-__all__ = ["HTTP_PHRASES", "MAX_MESSAGE_CHARS", "RejectReason", "RequestRejected", "clip"]
+__all__ = ["HTTP_PHRASES", "MAX_LOGGED_CHARS", "MAX_MESSAGE_CHARS", "RejectReason", "RequestRejected", "clip",
+           "printable"]
 
 MAX_MESSAGE_CHARS = 400
+MAX_LOGGED_CHARS = 600  # a rejection message with escapes fits
 
 
 class RejectReason(str, Enum):
@@ -52,6 +54,25 @@ HTTP_PHRASES: dict[int, str] = {400: "Bad Request", 413: "Payload Too Large", 41
 def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     """`text` cut to at most `limit` characters, an ellipsis marking the cut."""
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def printable(text: object, limit: int = MAX_LOGGED_CHARS) -> str:
+    """Text that came from a client, made safe for a log line: every character a terminal or a log parser could
+    act on (C0 and C1 controls such as ESC, CR, LF and NUL, DEL, Unicode format characters such as bidi overrides,
+    line and paragraph separators, unassigned and lone surrogate code points; `str.isprintable()` false, ASCII
+    space excepted) becomes a visible escape (\\xNN, \\uNNNN or \\UNNNNNNNN) and a backslash is doubled, so the
+    escaped text reads back unambiguously. Cut to `limit` characters (after escaping) with an ellipsis."""
+    text = str(text)
+    if not (text.isprintable() and "\\" not in text):
+        text = "".join(c if c == " " or (c.isprintable() and c != "\\") else _escape(c) for c in text)
+    return clip(text, limit)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if char == "\\":
+        return "\\\\"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class RequestRejected(Exception):

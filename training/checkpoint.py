@@ -17,16 +17,25 @@ Evaluation never rewrites a checkpoint: it writes its calibration table and summ
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from training.models import MultiExitNetwork, create_model
 
 FORMAT_VERSION = 2  # 2: "cost" (per stage and head) replaced "exit_mflops"; no calibration inside
 KIND = "robust-early-exit-checkpoint"
+# A resume checkpoint written before the random states became tensors holds numpy's MT19937 key as an array: these
+# rebuild an ndarray from its bytes and call nothing else, so such a last.pt still resumes.
+LEGACY_RNG_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+# torch's weights_only refusal names the global it met: "Unsupported global: GLOBAL pathlib.Path.touch was not ..."
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_REFUSED_CLASS = re.compile(r"but got <class '([\w.]+)'>")  # "Can only build Tensor, ... but got <class '...'>"
 
 
 class CheckpointError(ValueError):
@@ -63,11 +72,26 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with `torch.load(weights_only=True)`: tensors, plain containers and numbers only, so a
+    file can never run code while it is read (pickle would call any callable it names). The checkpoint holds
+    nothing else: configs are stored as plain values (enums as their values), random states as tensors; numpy
+    arrays (`LEGACY_RNG_GLOBALS`) are allowed for resume files written before that.
+
+    Returns the checkpoint dict (CPU tensors). Raises CheckpointError (one line) for a missing, unreadable or
+    foreign file, one that names any other Python object (a pickled callable or class), or another format.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(LEGACY_RNG_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global (nothing was called), or not a pickle
+        named = _REFUSED_GLOBAL.search(str(exc)) or _REFUSED_CLASS.search(str(exc))
+        if named is None:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint (UnpicklingError)") from exc
+        raise CheckpointError(f"{path} holds the Python object {named.group(1)}, which a checkpoint may not hold: "
+                              "refused without running it (only tensors and plain values load)") from None
     except Exception as exc:  # torch raises many types for a foreign/corrupt file
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(exc).__name__})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:

@@ -301,9 +301,17 @@ def _is_main() -> bool:
 
 
 def capture_rng(generators: dict[str, torch.Generator], device: torch.device) -> dict[str, Any]:
-    """This process's random states: python, numpy, torch CPU (and CUDA on `device`), the named generators."""
+    """This process's random states: python, numpy, torch CPU (and CUDA on `device`), the named generators.
+
+    Only types `torch.load(weights_only=True)` accepts: python's state is a tuple of ints (and None or a float),
+    numpy's legacy MT19937 state a dict whose 624-word key is an int64 tensor, the torch states uint8 tensors.
+    """
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
-        "python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
         "generators": {name: g.get_state() for name, g in generators.items()},
     }
     if device.type == "cuda":
@@ -312,8 +320,14 @@ def capture_rng(generators: dict[str, torch.Generator], device: torch.device) ->
 
 
 def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator], device: torch.device) -> None:
+    """Set every random state `capture_rng` captured (CUDA only when `device` is a CUDA device)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, tuple):  # a resume file written before the states became tensors
+        np.random.set_state(saved)
+    else:
+        np.random.set_state((saved["bit_generator"], saved["key"].numpy().astype(np.uint32), saved["pos"],
+                             saved["has_gauss"], saved["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -23,12 +23,15 @@ from PIL import Image
 
 from serving.decoding import (
     FORM_URLENCODED_HINT,
+    BodyFormat,
     DecodedInput,
+    InputLimits,
     InputSpec,
     Protocol,
     V2_OUTPUT_NAME,
     decode_image,
     decode_request,
+    derive_limits,
     header_value,
     image_to_array,
     v2_outputs,
@@ -259,6 +262,37 @@ def test_json_rules(document: Any, reason: RejectReason) -> None:
     assert rejected(row={"body": document}).reason is reason  # the same document parsed by TorchServe
 
 
+def _nested(value: Any, depth: int) -> Any:
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("depth", [5, 33, 50, 900])
+def test_json_nested_deeper_than_the_input_rank_is_a_400(depth: int) -> None:
+    for document in ({"data": _nested(0.5, depth)}, v2_request(_nested(0.5, depth))):
+        for error in (rejected(json_body(document), "application/json"), rejected(row={"body": document})):
+            assert error.reason is RejectReason.WRONG_SHAPE and error.reason.status == 400
+            assert "nested deeper than 4 lists" in error.message
+
+
+def test_json_with_many_short_numbers_is_refused_before_it_is_parsed(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = b'{"data": [' + b",".join([b"0"] * 5000) + b"]}"  # within the byte limit: 10 kB
+    assert len(body) < SPEC.limits.json_bytes
+    monkeypatch.setattr(json, "loads", lambda *a, **k: pytest.fail("parsed"))
+    error = rejected(body, "application/json")
+    assert error.reason is RejectReason.WRONG_SHAPE and "5000 values" in error.message
+    names = json_body(v2_request(id="," * 256) | {"inputs": [{**v2_request()["inputs"][0], "name": "," * 256}]})
+    monkeypatch.undo()
+    assert decode(names).request_id == "," * 256  # commas inside the longest strings still fit
+
+
+def test_json_with_more_values_than_the_input_is_refused_before_numpy_sees_it() -> None:
+    huge = {"data": [[[0.5] * 28] * 28] * 5000}  # as TorchServe would hand over a parsed body: no byte limit
+    error = rejected(row={"body": huge})
+    assert error.reason is RejectReason.WRONG_SHAPE and "more than the 784 values" in error.message
+
+
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
 def test_json_non_finite_literals(literal: bytes) -> None:
     body = json_body({"data": REF.tolist()}).replace(b"0.0", literal, 1)
@@ -284,7 +318,7 @@ def test_parsed_document_with_huge_integer_is_out_of_range() -> None:
     assert rejected(row={"body": {"data": data}}).reason is RejectReason.OUT_OF_RANGE
 
 
-@pytest.mark.parametrize("body", [b"{\"data\": [", b"{'data': []}", b"[" * 100_000, b"\xff\xfe{}", b"{\"data\": 1} x"])
+@pytest.mark.parametrize("body", [b"{\"data\": [", b"{'data': []}", b"[" * 30_000, b"\xff\xfe{}", b"{\"data\": 1} x"])
 def test_malformed_json_is_bad_json(body: bytes) -> None:
     error = rejected(body, "application/json")
     assert error.reason is RejectReason.BAD_JSON
@@ -546,6 +580,70 @@ def test_pixel_limit_is_413_before_decoding() -> None:
     assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_image_pixels"] == 28 * 28 - 1
 
 
+@pytest.mark.parametrize("shape, limits", [
+    ((1, 28, 28), InputLimits(json_bytes=41_728, png_bytes=266_240, png_pixels=25_088, jpeg_bytes=16_640,
+                              jpeg_pixels=401_408)),
+    ((3, 32, 32), InputLimits(json_bytes=151_552, png_bytes=327_680, png_pixels=32_768, jpeg_bytes=8 << 20,
+                              jpeg_pixels=1 << 24)),
+    ((3, 224, 224), InputLimits(json_bytes=7_229_440, png_bytes=12_910_592, png_pixels=1_605_632,
+                                jpeg_bytes=8 << 20, jpeg_pixels=25_690_112)),
+])
+def test_limits_are_derived_from_the_input_shape_per_format(shape: tuple[int, int, int], limits: InputLimits) -> None:
+    assert derive_limits(shape) == limits == InputSpec(shape).limits
+
+
+def test_explicit_limits_override_every_format() -> None:
+    limits = InputSpec((1, 28, 28), max_payload_bytes=100, max_image_pixels=7).limits
+    assert {limits.max_bytes(f) for f in BodyFormat} == {100} and limits.max_bytes() == 100
+    assert limits.png_pixels == limits.jpeg_pixels == 7
+
+
+def _jpeg_of(width: int, height: int, mode: str = "RGB", quality: int = 85, seed: int = 0) -> bytes:
+    """A photo-like JPEG: smooth gradients plus sensor noise (so it compresses like a camera's)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = 128 + 60 * np.sin(xx / 97) * np.cos(yy / 61)
+    planes = [np.clip(base + 30 * k + rng.normal(0, 6, base.shape), 0, 255) for k in range(len(mode))]
+    return encode(Image.fromarray(np.stack(planes, -1).astype(np.uint8).squeeze()), "JPEG", quality=quality)
+
+
+def test_a_photo_model_accepts_a_twelve_megapixel_camera_jpeg() -> None:
+    photo = _jpeg_of(4032, 3024)  # a 12-megapixel phone camera's frame
+    assert len(photo) > InputSpec((1, 28, 28)).limits.jpeg_bytes  # more than a digit model takes
+    for shape in ((3, 32, 32), (3, 224, 224)):
+        x = decode(photo, "image/jpeg", InputSpec(shape)).x
+        assert x.shape == shape and 0.3 < float(x.mean()) < 0.8
+    error = rejected(photo, "image/jpeg", InputSpec((1, 28, 28)))
+    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_payload_bytes"] == 266_240
+
+
+def test_a_digit_model_refuses_a_large_png_before_decoding_it() -> None:
+    spec = InputSpec((1, 28, 28))
+    side = math.isqrt(spec.limits.png_pixels)  # 158 x 158 is the largest square PNG it takes
+    assert decode(grey_png(make_digit(side, side)), "image/png", spec).x.shape == (1, 28, 28)
+    flat = encode(Image.new("L", (4000, 4000)), "PNG")  # 16 megapixels in 20 kB: small in bytes, not to decode
+    assert len(flat) < spec.limits.png_bytes
+    error = rejected(flat, "image/png", spec)
+    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_image_pixels"] == 25_088
+
+
+def test_byte_limits_follow_the_body_format() -> None:
+    spec = InputSpec((1, 28, 28))
+    json_too_big = b'{"data": ' + b" " * spec.limits.json_bytes + b"[]}"
+    assert len(json_too_big) < spec.limits.png_bytes  # within the largest limit, over the JSON one
+    error = rejected(json_too_big, "application/json", spec)
+    assert error.reason is RejectReason.PAYLOAD_TOO_LARGE and error.body()["max_payload_bytes"] == 41_728
+    padded_png = encode(Image.fromarray(INK), "PNG", pnginfo=_text_chunk(spec.limits.jpeg_bytes))
+    assert decode(padded_png, "image/png", spec).x.shape == (1, 28, 28)  # over the JPEG byte limit, a PNG is fine
+
+
+def _text_chunk(size: int) -> Any:
+    from PIL import PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "x" * size)
+    return info
+
+
 def test_pillow_decompression_bomb_is_413(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow raises beyond twice this
     error = rejected(grey_png(), "image/png")
@@ -626,6 +724,7 @@ specs = st.builds(
     InputSpec,
     shape=st.tuples(st.sampled_from([1, 3]), st.integers(1, 32), st.integers(1, 32)),
     background=st.floats(0.0, 1.0),
+    max_image_pixels=st.none() | st.integers(1, 96 * 96),
 )
 
 
@@ -645,7 +744,13 @@ def _decodes_or_rejects(body: bytes, spec: InputSpec) -> DecodedInput | None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=image_bodies(), spec=specs)
 def test_property_images_decode_to_spec_or_reject(body: bytes, spec: InputSpec) -> None:
-    assert _decodes_or_rejects(body, spec) is not None  # valid PNG/JPEG of any mode: never rejected either
+    with Image.open(io.BytesIO(body)) as image:
+        fmt = BodyFormat.PNG if image.format == "PNG" else BodyFormat.JPEG
+        over = image.width * image.height > spec.limits.max_pixels(fmt) or len(body) > spec.limits.max_bytes(fmt)
+    if over:
+        assert rejected(body, "image/png", spec).reason is RejectReason.PAYLOAD_TOO_LARGE
+    else:
+        assert _decodes_or_rejects(body, spec) is not None  # valid PNG/JPEG of any mode within the limits
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -657,6 +762,83 @@ def test_property_damaged_images_decode_or_reject(body: bytes, spec: InputSpec, 
     for where, value in flips:
         damaged[int(where * len(damaged))] = value
     _decodes_or_rejects(bytes(damaged), spec)
+
+
+JSON_LEAVES = (st.floats(allow_nan=True, allow_infinity=True) | st.floats(0.0, 1.0) | st.integers(-2, 2 ** 70)
+               | st.booleans() | st.none() | st.text(max_size=3) | st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                                 max_size=1))
+json_trees = st.recursive(JSON_LEAVES, lambda children: st.lists(children, max_size=4), max_leaves=40)
+json_shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4))
+
+
+def _depth(value: Any) -> int:
+    return 1 + max(map(_depth, value), default=0) if isinstance(value, list) else 0
+
+
+@st.composite
+def json_data(draw: st.DrawFn, shape: tuple[int, int, int]) -> tuple[Any, np.ndarray | None]:
+    """A "data" value for `shape` and the input it must decode to (None: it must be refused): a regular array
+    (with or without a batch axis), then maybe wrapped deeper, made ragged, or given a value of another type."""
+    values = draw(st.lists(st.floats(0.0, 1.0, width=32), min_size=math.prod(shape), max_size=math.prod(shape)))
+    array = np.asarray(values, dtype=np.float32).reshape(shape)
+    data: Any = array[None].tolist() if draw(st.booleans()) else array.tolist()
+    expected: np.ndarray | None = array
+    change = draw(st.sampled_from(["none", "deeper", "ragged", "mixed", "tree"]))
+    if change == "deeper":
+        data = _nested(data, draw(st.integers(1, 40)))
+        expected = array if _depth(data) == len(shape) + 1 else None  # one level more is the batch axis
+    elif change == "ragged":
+        row = data
+        for _ in range(draw(st.integers(0, _depth(data) - 1))):
+            row = row[draw(st.integers(0, len(row) - 1))]
+        row.append(draw(json_trees) if draw(st.booleans()) else list(row))
+        expected = None
+    elif change == "mixed":
+        row = data
+        while isinstance(row[0], list):
+            row = row[draw(st.integers(0, len(row) - 1))]
+        row[draw(st.integers(0, len(row) - 1))] = draw(JSON_LEAVES.filter(  # anything but a number in [0, 1]
+            lambda v: isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0))
+        expected = None
+    elif change == "tree":
+        data, expected = draw(json_trees), None
+    return data, expected
+
+
+def _json_outcome(document: Any, spec: InputSpec) -> DecodedInput | RequestRejected:
+    try:
+        return decode_request({"body": document}, {}, spec)
+    except RequestRejected as error:
+        assert error.reason.status in (400, 413) and len(error.message) <= MAX_MESSAGE_CHARS
+        assert not REPR.search(error.message), error.message
+        return error
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), shape=json_shapes, v2=st.booleans())
+def test_property_json_of_any_nesting_and_types_decodes_exactly_or_is_a_4xx(data: st.DataObject,
+                                                                           shape: tuple[int, int, int],
+                                                                           v2: bool) -> None:
+    spec = InputSpec(shape)
+    values, expected = data.draw(json_data(shape))
+    declared = (1, *shape) if _depth(values) == len(shape) + 1 else shape  # v2: the nesting must match the shape
+    document = v2_request(values, declared) if v2 else {"data": values}
+    text = json.dumps(document).encode()  # NaN / Infinity literals for non-finite floats
+    parsed, raw = _json_outcome(document, spec), _json_outcome(text, spec)
+    for outcome in (parsed, raw):
+        if expected is not None:
+            assert isinstance(outcome, DecodedInput), outcome
+            np.testing.assert_array_equal(outcome.x, expected)
+            assert outcome.x.dtype == np.float32 and outcome.x.flags.c_contiguous
+        else:
+            assert isinstance(outcome, RequestRejected)
+            if _depth(values) > len(shape) + 1:
+                assert outcome.reason in (RejectReason.WRONG_SHAPE, RejectReason.OUT_OF_RANGE,
+                                          RejectReason.PAYLOAD_TOO_LARGE), outcome.message
+    if isinstance(parsed, RequestRejected) and isinstance(raw, RequestRejected) and \
+            RejectReason.PAYLOAD_TOO_LARGE not in (parsed.reason, raw.reason) and \
+            RejectReason.OUT_OF_RANGE not in (parsed.reason, raw.reason):  # the parser refuses huge literals first
+        assert parsed.reason is raw.reason
 
 
 # ------------------------------------------------------------------- what TorchServe 0.12 really hands a handler

@@ -80,7 +80,7 @@ def export_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple
         if arch not in cache:
             root = tmp_path_factory.mktemp(f"export-{arch}")
             ckpt = make_calibrated_checkpoint(arch, root / "model.pt")
-            shape = tuple(torch.load(ckpt, weights_only=False)["dataset"]["input_shape"])
+            shape = tuple(torch.load(ckpt, weights_only=True)["dataset"]["input_shape"])
             result = export_checkpoint(ckpt, root / "out", f"test-{arch}", "2.1", adv_data=adv_data(shape),
                                        attack_params=TINY_ATTACK, parity_json=root / "export-parity.json")
             cache[arch] = (ckpt, result)
@@ -96,7 +96,7 @@ def exported(request: pytest.FixtureRequest, export_of: Callable[[str], tuple[Pa
 
 
 def _model(ckpt: Path) -> torch.nn.Module:
-    return model_from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
+    return model_from_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=True))
 
 
 def test_parity_of_every_stage_and_the_chain(exported: tuple[Path, ExportResult]) -> None:
@@ -151,7 +151,7 @@ def test_graphs_keep_the_io_contract(exported: tuple[Path, ExportResult]) -> Non
 
 def test_manifest_schema(exported: tuple[Path, ExportResult]) -> None:
     ckpt_path, result = exported
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     m = load_manifest(result.out_dir)
     verify_files(m, result.out_dir)
     raw = json.loads((result.out_dir / "manifest.json").read_text())

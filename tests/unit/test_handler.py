@@ -7,6 +7,7 @@ logits, i.e. the test checks handler == policy.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import io
 import json
 import logging
@@ -24,12 +25,15 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.metrics.metric_type_enum import MetricTypes
 from ts.service import Service
 
-from early_exit.manifest import ManifestError
+from early_exit.manifest import ManifestError, write_manifest
 from early_exit.policy import entry_for_budget
 from early_exit.runner import FullGraphRunner
+from early_exit.transform import EvalTransform
+from serving.decoding import decode_image
 from serving.handler import EarlyExitHandler
 from serving.metrics import METRICS, MetricName
-from serving.rejections import RejectReason
+from serving.options import OptionsError
+from serving.rejections import RejectReason, printable
 from tests.toy_model import (
     CLASSES,
     COSTS,
@@ -158,6 +162,12 @@ def test_invalid_budget_is_a_400_for_that_request_only(served, value: str, reaso
     assert "X-Exit-Index" not in results[1][1]
 
 
+def _deep(value: Any, depth: int) -> Any:
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
 def _bad_inputs() -> list[tuple[str, Any, RejectReason]]:
     good = rows([0.5])[0]
     png_bytes = png((good[0] * 255).astype(np.uint8))
@@ -175,7 +185,7 @@ def _bad_inputs() -> list[tuple[str, Any, RejectReason]]:
         ("nan", as_json(good).replace(b"0.5", b"NaN", 1), RejectReason.NON_FINITE),
         ("infinity", as_json(good).replace(b"0.5", b"Infinity", 1), RejectReason.NON_FINITE),
         ("overflow", as_json(good).replace(b"0.5", b"1e999", 1), RejectReason.OUT_OF_RANGE),
-        ("huge integer", as_json(good).replace(b"0.5", b"9" * 5000, 1), RejectReason.OUT_OF_RANGE),
+        ("huge integer", as_json(good).replace(b"0.5", b"9" * 400, 1), RejectReason.OUT_OF_RANGE),
         ("beyond float32", as_json(good).replace(b"0.5", b"1e39", 1), RejectReason.OUT_OF_RANGE),
         ("above one", as_json(good).replace(b"0.5", b"1.5", 1), RejectReason.OUT_OF_RANGE),
         ("negative", as_json(good).replace(b"0.5", b"-0.1", 1), RejectReason.OUT_OF_RANGE),
@@ -184,7 +194,9 @@ def _bad_inputs() -> list[tuple[str, Any, RejectReason]]:
         ("json list", b"[1, 2, 3]", RejectReason.BAD_JSON),
         ("strings", json.dumps({"data": [[["0.5"] * 4] * 4]}).encode(), RejectReason.BAD_JSON),
         ("nulls", json.dumps({"data": [[[None] * 4] * 4]}).encode(), RejectReason.BAD_JSON),
-        ("deep nesting", b'{"data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", RejectReason.BAD_JSON),
+        ("deep nesting", b'{"data": ' + b"[" * 2000 + b"]" * 2000 + b"}", RejectReason.BAD_JSON),
+        ("nested 50 deep", json.dumps({"data": _deep(0.5, 50)}).encode(), RejectReason.WRONG_SHAPE),  # was a 500
+        ("more values than the input", json.dumps({"data": [[0.5] * 17]}).encode(), RejectReason.WRONG_SHAPE),
         ("not utf-8", b'{"data": "\xff\xfe"}', RejectReason.BAD_JSON),
         ("oversized", b"{" + b" " * (1 << 20) + b"}", RejectReason.PAYLOAD_TOO_LARGE),
     ]
@@ -572,3 +584,94 @@ def test_open_inference_protocol_v2_request_and_answer(served) -> None:
     assert output["datatype"] == "FP32" and output["shape"] == [1, len(CLASSES)]
     assert int(np.argmax(output["data"])) == plain["class_index"]
     assert body["parameters"]["exit_index"] == plain["exit_index"]
+
+
+def test_response_detail_label_leaves_out_every_score(model_dir: Path, served) -> None:
+    full_handler, full_ctx = served
+    ctx = make_context(model_dir, {"response_detail": "label", "top_k": 3})
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    x = rows(PIXELS)
+    requests = [(as_json(row), {"X-Compute-Budget": budget}) for row in x for budget in ("1.0", "4.0")]
+    labelled = run_batch(handler, ctx, requests)
+    full = run_batch(full_handler, full_ctx, requests)
+    for (status, headers, body), (_, full_headers, full_body) in zip(labelled, full):
+        assert status == 200 and headers == full_headers
+        assert "confidence" not in body and "top_k" not in body and "probabilities" not in json.dumps(body)
+        assert body == {k: v for k, v in full_body.items() if k not in ("confidence", "top_k")}
+        assert body["label"] == CLASSES[body["class_index"]] and body["mflops_spent"] > 0
+
+
+def test_response_detail_label_v2_answer_carries_the_class_index_only(model_dir: Path) -> None:
+    ctx = make_context(model_dir, {"response_detail": "label"})
+    handler = EarlyExitHandler()
+    handler.initialize(ctx)
+    x = rows([1.0, 0.1])
+    v2 = [json.dumps({"inputs": [{"name": "image", "shape": [1, *SHAPE], "datatype": "FP32",
+                                  "data": row.reshape(-1).tolist()}]}).encode() for row in x]
+    results = run_batch(handler, ctx, [(v2[0], {}), (v2[1], {}), (as_json(x[1]), {})], content_type="application/json")
+    for status, _, body in results[:2]:
+        assert status == 200
+        assert body["outputs"] == [{"name": "class_index", "shape": [1, 1], "datatype": "INT64",
+                                    "data": [body["parameters"]["class_index"]]}]
+        assert "confidence" not in body["parameters"] and "top_k" not in body["parameters"]
+    assert results[1][2]["parameters"]["class_index"] == results[2][2]["class_index"]
+
+
+def test_response_detail_is_a_closed_set(model_dir: Path) -> None:
+    with pytest.raises(OptionsError, match="response_detail"):
+        EarlyExitHandler().initialize(make_context(model_dir, {"response_detail": "scores"}))
+
+
+def test_limits_are_derived_from_the_manifest_input(served) -> None:
+    handler, ctx = served  # the toy model takes 1 x 4 x 4: PNGs up to 32 x 16 pixels, JSON up to 4864 bytes
+    limits = handler.input_spec.limits
+    assert (limits.png_pixels, limits.json_bytes) == (512, 4864)
+    results = run_batch(handler, ctx, [(png(np.zeros((16, 32), dtype=np.uint8)), {}),
+                                       (png(np.zeros((17, 32), dtype=np.uint8)), {}),
+                                       (b'{"data": ' + b" " * 4864 + b"[]}", {})])
+    assert [r[0] for r in results] == [200, 413, 413]
+    assert results[1][2]["max_image_pixels"] == 512 and results[2][2]["max_payload_bytes"] == 4864
+
+
+def test_client_text_is_escaped_before_it_is_logged(served, caplog: pytest.LogCaptureFixture) -> None:
+    handler, ctx = served
+    hostile = "\x1b[31mred\r\nINFO forged line\x00end"
+    batch = [{"requestId": "id-\x1b[2J\n".encode(),
+              "parameters": [{"name": "body", "contentType": "application/json", "value": as_json(rows([1.0])[0])}],
+              "headers": [{"name": b"X-Compute-Budget", "value": hostile.encode()}]}]
+    processors, inputs, ids = Service.retrieve_data_for_inference(batch)
+    ctx.request_ids, ctx.request_processor = ids, processors
+    ctx.metrics.request_ids = ids
+    with caplog.at_level(logging.INFO, logger="serving.handler"):
+        (text,) = handler.handle(inputs, ctx)
+    assert json.loads(text)["reason"] == RejectReason.INVALID_BUDGET.value
+    (line,) = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert "request id-\\x1b[2J\\x0a rejected (invalid_budget)" in line
+    assert "'\\x1b[31mred\\x0d\\x0aINFO forged line\\x00end'" in line
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in line), repr(line)
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("plain id-7", "plain id-7"), ("a\\b", "a\\\\b"), ("\x1b[0m", "\\x1b[0m"), ("\x85\x9b", "\\x85\\x9b"),
+    ("tab\there", "tab\\x09here"), ("rtl\u202eevil", "rtl\\u202eevil"), ("line\u2028sep", "line\\u2028sep"),
+    ("caf\u00e9 \U0001f600", "caf\u00e9 \U0001f600"), ("\ud800", "\\ud800"),
+])
+def test_printable_escapes_what_a_terminal_would_act_on(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert len(printable("\x00" * 1000, 50)) == 50
+
+
+def test_client_images_go_through_the_manifests_input_transform(tmp_path: Path) -> None:
+    """A manifest whose evaluation transform resizes the shorter side to 4 and centre-crops 4 x 4 makes the
+    handler decode a 16 x 4 (H x W) image into its central 4 x 4 rows, not into the whole image squeezed."""
+    manifest = build_model_dir(tmp_path)
+    transform = EvalTransform(channels=1, resize_size=4, crop_size=(4, 4))
+    write_manifest(dataclasses.replace(manifest, input_transform=transform), tmp_path)
+    handler = EarlyExitHandler()
+    handler.initialize(make_context(tmp_path))
+    assert handler.input_spec.transform == transform
+    image = np.zeros((16, 4), dtype=np.uint8)
+    image[6:10, :] = 255  # the central four rows are white, the rest black
+    x = decode_image(png(image), handler.input_spec)
+    assert x.shape == (1, 4, 4) and x.min() == 1.0  # the crop sees only white; a stretch would see mostly black
