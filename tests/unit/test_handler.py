@@ -663,15 +663,16 @@ def test_printable_escapes_what_a_terminal_would_act_on(text: str, shown: str) -
 
 
 def test_client_images_go_through_the_manifests_input_transform(tmp_path: Path) -> None:
-    """A manifest whose evaluation transform resizes the shorter side to 4 and centre-crops 4 x 4 makes the
-    handler decode a 16 x 4 (H x W) image into its central 4 x 4 rows, not into the whole image squeezed."""
+    """The handler decodes client images with the manifest's evaluation transform (here: shorter side to 8, then
+    the central 4 x 4), which differs from the default for the input shape (shorter side to 4, central 4 x 4)."""
     manifest = build_model_dir(tmp_path)
-    transform = EvalTransform(channels=1, resize_size=4, crop_size=(4, 4))
+    transform = EvalTransform(channels=1, resize_size=8, crop_size=(4, 4))
     write_manifest(dataclasses.replace(manifest, input_transform=transform), tmp_path)
     handler = EarlyExitHandler()
     handler.initialize(make_context(tmp_path))
     assert handler.input_spec.transform == transform
-    image = np.zeros((16, 4), dtype=np.uint8)
-    image[6:10, :] = 255  # the central four rows are white, the rest black
+    image = np.random.default_rng(0).integers(0, 256, size=(16, 6), dtype=np.uint8)  # H x W, not square
     x = decode_image(png(image), handler.input_spec)
-    assert x.shape == (1, 4, 4) and x.min() == 1.0  # the crop sees only white; a stretch would see mostly black
+    expected = transform.planes(Image.fromarray(image), 0.0)
+    default = EvalTransform.for_shape((1, 4, 4)).planes(Image.fromarray(image), 0.0)
+    assert np.array_equal(x, expected) and not np.allclose(x, default, atol=0.05)
