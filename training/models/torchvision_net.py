@@ -81,7 +81,8 @@ class WeightsUnavailable(BackboneError):
 
 
 class TailStep(str, Enum):
-    """Functional work a forward does after its body, replaced by the equal module."""
+    """Functional work a forward does after its body, replaced by the equal module (a str Enum: tell it from a
+    child name with isinstance(t, TailStep))."""
 
     FLATTEN = "flatten"  # torch.flatten(x, 1)
     POOL = "pool"  # nn.functional.adaptive_avg_pool2d(x, (1, 1))
@@ -263,7 +264,7 @@ def _file_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def _classifier_name(network: nn.Module, layout: Layout) -> str:
     """The tail's last Linear/Conv2d: the layer whose outputs are the classes."""
     found = ""
-    for child in (t for t in layout.tail if isinstance(t, str)):
+    for child in (t for t in layout.tail if not isinstance(t, TailStep)):
         for name, module in getattr(network, child).named_modules(prefix=child):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 found = name
@@ -376,7 +377,7 @@ class Backbone:
 
 
 def _body(network: nn.Module, layout: Layout) -> list[tuple[str, nn.Module]]:
-    tail_children = {t for t in layout.tail if isinstance(t, str)}
+    tail_children = {t for t in layout.tail if not isinstance(t, TailStep)}
     body: list[tuple[str, nn.Module]] = []
     for name, child in network.named_children():
         if name in tail_children:
