@@ -39,6 +39,7 @@ from early_exit.transform import Interpolation
 from training.attacks.base import AttackModelMode
 from training.data import DatasetName, TrainAugment
 from training.losses import BaseLossWeighting, Method, RedrawPolicy
+from training.models.heads import HeadKind
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "mnist-quick"
@@ -188,6 +189,18 @@ class TrainConfig(BaseModel):
     std: list[PositiveFloat] | None = None  # on the training split (saved in split.json)
     background: Annotated[float, Field(ge=0, le=1)] = 1.0  # what transparent pixels become, in [0, 1]
     skip_unreadable: bool = False  # leave out (and count) files Pillow cannot read instead of stopping
+    # --- torchvision backbones (model: torchvision:<builder>; training/models/torchvision_net.py) -------------
+    # where the early exits go: candidate names (python -m training.models torchvision:<builder> lists them) or
+    # "flops:0.25,0.5" (nearest candidates by share of the backbone's MFLOPs); null: flops:0.33,0.67 (3 exits)
+    exits: list[str] | str | None = None
+    weights: str | None = None  # torchvision weights name (IMAGENET1K_V1, DEFAULT, ResNet18_Weights.IMAGENET1K_V1)
+    weights_path: str | None = None  # a local state dict of the torchvision network (instead of `weights`)
+    small_input_stem: bool = False  # resnet*: 3x3 stride-1 stem, no max-pool; efficientnet/mobilenet/regnet: stride 1
+    head: HeadKind = _choice(HeadKind.CONV1X1)  # the early exits' head (training/models/heads.py)
+    # iterations at the start with the stages frozen (BatchNorm kept in eval) and only the heads training, then
+    # full training; any model, meant for pretrained weights
+    heads_first_iterations: NonNegativeInt = 0
+    # --- end torchvision backbones
 
     @model_validator(mode="before")
     @classmethod

@@ -12,8 +12,8 @@ to the folder later never move an image between splits (a changed seed, size or 
 
 Evaluation images (val, test, and `load_tensors(..., "train")`) go through `early_exit.transform.EvalTransform`:
 the code the server runs on client images. Training images get `TrainAugment`. Mean and std (normalization,
-which lives inside the model's first stage) are the config's, else those of the torchvision weights named in
-`model_args.weights`, else computed on the training split through the evaluation transform (saved in split.json).
+which lives inside the model's first stage) are the config's, else those of the torchvision weights named by
+the config's `weights` (for `model: torchvision:<builder>`), else computed on the training split through the evaluation transform (saved in split.json).
 
 Every problem with a folder is a DataError of one line naming the folder or file: no class folders, an empty
 class, a single class, files Pillow cannot read (listed; `skip_unreadable=true` leaves them out and logs how many).
@@ -69,7 +69,7 @@ class FolderSpec:
     crop_padding: int
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
-    weights: str | None  # model_args.weights: a torchvision weight name
+    weights: str | None  # the config's `weights`, resolved to the full name (e.g. ResNet18_Weights.IMAGENET1K_V1)
     background: float
     skip_unreadable: bool
     split_file: Path
@@ -108,7 +108,9 @@ def folder_spec(config: Any) -> FolderSpec:
     if augment is TrainAugment.AUTO:
         augment = TrainAugment.CROP_FLIP if input_size <= SMALL_INPUT_MAX else TrainAugment.RESIZED_CROP
     optional = {key: Path(_get(config, key)) if _get(config, key) else None for key in ("val_dir", "test_dir")}
-    weights = (_get(config, "model_args") or {}).get("weights")
+    weights = _get(config, "weights")
+    if weights is not None:
+        weights = _full_weights_name(str(_get(config, "model", "")), str(weights))
     return FolderSpec(
         data_dir=Path(_get(config, "data_dir")), val_dir=optional["val_dir"], test_dir=optional["test_dir"],
         val_size=int(_get(config, "val_size", 5000)), test_size=int(_get(config, "test_size", 5000)),
@@ -399,6 +401,22 @@ def _decode_all(dataset: ImageFiles, num_workers: int) -> tuple[torch.Tensor, to
     return torch.cat(xs), torch.cat(ys)
 
 
+def _full_weights_name(model: str, name: str) -> str:
+    """`weights` of a `torchvision:<builder>` model as torchvision's full name; DataError for another model or a name
+    the builder does not have."""
+    from training.models.torchvision_net import FAMILY, BackboneError, resolve_weights
+
+    family, _, builder = model.partition(":")
+    if family != FAMILY or not builder:
+        raise DataError(f"weights {name!r} name torchvision weights: they need model: {FAMILY}:<builder>, "
+                        f"not {model!r}; or give mean and std")
+    try:
+        weights = resolve_weights(builder, name)
+    except BackboneError as exc:
+        raise DataError(str(exc)) from None
+    return f"{type(weights).__name__}.{weights.name}"
+
+
 # ---------------------------------------------------------------------------------------------------- the dataset
 def weights_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) of torchvision weights named like "ResNet18_Weights.IMAGENET1K_V1" (their preset's)."""
@@ -407,7 +425,7 @@ def weights_mean_std(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     try:
         preset = get_weight(name).transforms()
     except (ValueError, KeyError, AttributeError) as exc:
-        raise DataError(f"model_args.weights {name!r} is not a torchvision weight name like "
+        raise DataError(f"weights {name!r} is not a torchvision weight name like "
                         f"ResNet18_Weights.IMAGENET1K_V1 ({_one_line(exc)}): give mean and std") from None
     return tuple(float(m) for m in preset.mean), tuple(float(s) for s in preset.std)
 

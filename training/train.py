@@ -57,6 +57,7 @@ from training.data import DataError, dataset_info, seed_worker, training_dataset
 from training.losses import Method, MultiExitLoss, NeoKDLoss, build_loss
 from training.models import MultiExitNetwork, create_model
 from training.models.registry import UnknownModelError
+from training.models.torchvision_net import FAMILY as TORCHVISION, BackboneError
 
 log = logging.getLogger("training.train")
 
@@ -92,13 +93,40 @@ def resolve_device(name: Device | str) -> torch.device:
     return torch.device(name.value)
 
 
+def backbone_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The `torchvision:<builder>` keys of `cfg` as model arguments (with the dataset's input shape); for other
+    models these keys must keep their defaults (ConfigError otherwise)."""
+    options = {"exits": cfg.exits, "weights": cfg.weights, "weights_path": cfg.weights_path,
+               "small_input_stem": cfg.small_input_stem, "head": cfg.head.value}
+    if cfg.model.startswith(f"{TORCHVISION}:"):
+        return {"input_shape": list(dataset_info(cfg.dataset, cfg).input_shape), **options}
+    defaults = {k: TrainConfig.model_fields[k].default for k in options}
+    defaults["head"] = defaults["head"].value
+    changed = [k for k, v in options.items() if v != defaults[k]]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)} apply to model: {TORCHVISION}:<builder> only, not {cfg.model!r}")
+    return {}
+
+
 def build_model(cfg: TrainConfig) -> MultiExitNetwork:
     info = dataset_info(cfg.dataset, cfg)
-    kwargs = {"mean": list(info.mean), "std": list(info.std), **cfg.model_args}
+    kwargs = {"mean": list(info.mean), "std": list(info.std), **backbone_options(cfg), **cfg.model_args}
     try:
         return create_model(cfg.model, num_classes=len(info.classes), **kwargs)
     except TypeError as exc:  # an argument the architecture does not take
         raise ConfigError(f"model_args {cfg.model_args} do not fit model {cfg.model!r}: {exc}") from None
+    except BackboneError as exc:  # a refused network, exits that do not fit, weights offline
+        raise ConfigError(str(exc)) from None
+
+
+def set_heads_first(core: MultiExitNetwork, cfg: TrainConfig, step: int) -> bool:
+    """Freeze the stages while `step` is inside the heads-first phase, unfreeze after; True when it changed."""
+    frozen = step < cfg.heads_first_iterations
+    if frozen == core.backbone_frozen:
+        return False
+    core.freeze_backbone(frozen)
+    log.info("step %d: %s", step, "stages frozen, heads training" if frozen else "all parameters training")
+    return True
 
 
 def build_training_attack(cfg: TrainConfig, model: MultiExitNetwork,
@@ -224,9 +252,10 @@ def train_one_epoch(
     model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler, objective: MultiExitLoss, attack: Attack | None,
     cfg: TrainConfig, state: TrainState, device: torch.device, progress: tqdm | None, timings: Timings,
-    checkpoint: Callable[[], None], ema: AveragedModel | None = None,
+    checkpoint: Callable[[], None], ema: AveragedModel | None = None, until: int | None = None,
 ) -> tuple[dict[str, float], bool]:
-    """Train on `loader` (the rest of the current epoch) until it ends or cfg.iterations is reached.
+    """Train on `loader` (the rest of the current epoch) until it ends or step `until` (default
+    cfg.iterations) is reached.
 
     `model` is the `CleanAdvPair` (or its DDP wrapper); `ema`, when given, averages the core's weights after
     every step. Returns (mean loss parts, whether the epoch ended).
@@ -235,7 +264,7 @@ def train_one_epoch(
     totals: dict[str, float] = {}
     batches = 0
     batch_iter = iter(loader)
-    while state.step < cfg.iterations:
+    while state.step < (cfg.iterations if until is None else until):
         t0 = timings.now()
         try:
             x, y = next(batch_iter)
@@ -464,6 +493,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", last, state.step, state.epoch, state.batch)
     if _is_main():
         save_config(cfg, run_dir / "config.yaml")
+    set_heads_first(core, cfg, state.step)  # before DDP: it registers only the parameters that need gradients
     pair = CleanAdvPair(core, separate=separate_forwards(cfg, core))
     model: nn.Module = nn.parallel.DistributedDataParallel(pair) if distributed else pair
 
@@ -478,8 +508,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         sampler.set_epoch(state.epoch)
         sampler.skip = state.batch * cfg.batch_size
         loader_gen.manual_seed(derive_seed(cfg.seed, rank, STREAM_LOADER, state.epoch))
+        until = cfg.heads_first_iterations if state.step < cfg.heads_first_iterations else cfg.iterations
         parts, finished = train_one_epoch(model, loader, optimizer, scheduler, objective, attack, cfg, state,
-                                          device, progress, timings, checkpoint, ema)
+                                          device, progress, timings, checkpoint, ema, min(until, cfg.iterations))
+        if set_heads_first(core, cfg, state.step) and distributed:  # re-wrap: DDP now syncs the stages too
+            model = nn.parallel.DistributedDataParallel(pair)
         if parts:
             history.append({"epoch": state.epoch, "step": state.step, **parts})
             log.info("epoch %d step %d %s", state.epoch, state.step, {k: round(v, 4) for k, v in parts.items()})

@@ -10,12 +10,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from training.models import MultiExitNetwork, create_model, list_models
 from training.models.registry import UnknownModelError
+from tests.torchvision_cases import SMALL_CASES, build_case
 
 SMALL_ARGS = {"smallcnn": {}, "resnet_me": {"blocks_per_stage": 1, "width": 8}}
 
 
 @pytest.fixture(params=list_models())
 def model(request) -> MultiExitNetwork:
+    torch.manual_seed(0)
+    return create_model(request.param, num_classes=10, **SMALL_ARGS.get(request.param, {}))
+
+
+@pytest.fixture(params=list_models() + [f"torchvision/{case}" for case in sorted(SMALL_CASES)])
+def any_model(request) -> MultiExitNetwork:
+    """Every registered architecture and the small torchvision cases (tests/torchvision_cases.py)."""
+    if request.param.startswith("torchvision/"):
+        return build_case(request.param.split("/", 1)[1])
     torch.manual_seed(0)
     return create_model(request.param, num_classes=10, **SMALL_ARGS.get(request.param, {}))
 
@@ -87,7 +97,7 @@ class _TorchStageSession:
         return [logits] if len(output_names) == 1 else [features.numpy(), logits]
 
 
-def test_runner_charges_what_flopcountermode_counts_on_the_staged_path(model):
+def test_runner_charges_what_flopcountermode_counts_on_the_staged_path(any_model):
     """For each exit k, the staged runner's cost of an answer at k equals torch's count of everything that ran
     to produce it: stages 1..k and heads 1..k (forward_exits(x, upto=k)), not the anytime cost."""
     import numpy as np
@@ -95,7 +105,7 @@ def test_runner_charges_what_flopcountermode_counts_on_the_staged_path(model):
     from early_exit.manifest import exit_specs
     from early_exit.runner import NEVER, StagedRunner
 
-    model.eval()
+    model = any_model.eval()
     cost = model.cost_profile()
     x = torch.zeros(1, *model.input_shape)
     k_exits = model.num_exits

@@ -43,6 +43,24 @@ class MultiExitNetwork(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.input_shape = tuple(int(s) for s in input_shape)
         self._cost_profile: CostProfile | None = None
+        self.backbone_frozen = False
+
+    def freeze_backbone(self, frozen: bool = True) -> None:
+        """Heads-first fine-tuning (training/train.py `heads_first_iterations`): with `frozen`, the stages'
+        parameters stop requiring gradients and the stages stay in eval mode even under `.train()`, so their
+        BatchNorm running statistics do not drift and their dropout is off; the heads train as usual. Input
+        gradients still flow through frozen stages (attacks work). `frozen=False` undoes both."""
+        self.backbone_frozen = frozen
+        for p in self.stages.parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "MultiExitNetwork":
+        """nn.Module.train, except that frozen stages (`freeze_backbone`) stay in eval mode."""
+        super().train(mode)
+        if getattr(self, "backbone_frozen", False):
+            self.stages.eval()
+        return self
 
     @property
     def num_exits(self) -> int:
