@@ -1,5 +1,5 @@
 # Robust early-exit inference server. The two commands a new user needs:
-#   make train-export   set up, get data, train (PRESET), evaluate + calibrate, export, archive
+#   make train-export   set up, get data, train (PRESET), calibrate, evaluate, export, archive
 #   make test           the whole test suite
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -17,14 +17,19 @@ EVAL   := $(RUN)/eval/eval.json
 CALIB  := $(RUN)/calibration.json
 EXPORT := artifacts/export/$(NAME)
 MAR    := model_store/$(NAME).mar
+TIMINGS := $(RUN)/timings.tsv
+SESSION := $(shell date +%s%N)
+# `$(TIMED) STEP -- CMD` runs CMD and appends its wall time to $(TIMINGS) under this make run's SESSION.
+TIMED   = $(PY) -m training.step_times run --file $(TIMINGS) --session $(SESSION) --step
+PIPELINE_STEPS := data train calibrate evaluate export
 DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
 FORCE  ?=
 
-.PHONY: help setup data train evaluate export archive train-export test test-unit test-integration \
+.PHONY: help setup data train calibrate evaluate export archive train-export test test-unit test-integration \
         bench-train bench-serve bench-export bench-compute serve stop clean audit
 
 help:
-	@echo "make train-export [PRESET=mnist-quick]   train, evaluate, calibrate, export and archive a model"
+	@echo "make train-export [PRESET=mnist-quick]   train, calibrate, evaluate, export and archive a model"
 	@echo "make test                                 run the whole test suite"
 	@echo "make archive                              re-export the trained checkpoint (no retraining)"
 	@echo "make serve / make stop                    start / stop TorchServe on model_store/ (builds the archive)"
@@ -60,32 +65,39 @@ data: $(STAMP)
 	$(PY) -m training.data --root data mnist fashion-mnist
 
 # --- the pipeline: each step is skipped when its output is newer than its inputs (FORCE=1 redoes it) ---
-# Artifacts flow one way: train -> checkpoint.pt; evaluate -> calibration.json beside it + eval/; export reads
-# both -> artifacts/export/NAME -> model_store/NAME.mar. The archive also depends on the code it ships or that
-# builds it, so editing the handler and running `make train-export` or `make serve` never serves a stale one.
+# Artifacts flow one way, each step reading the one before it: train -> checkpoint.pt; calibrate ->
+# calibration.json beside it; evaluate (checkpoint + calibration) -> eval/; export (checkpoint, calibration,
+# eval/eval.json) -> artifacts/export/NAME -> model_store/NAME.mar. The archive also depends on the code it
+# ships or that builds it, so editing the handler and running `make train-export` or `make serve` never
+# serves a stale one.
 ARCHIVE_SOURCES := $(wildcard serving/*.py serving/*.yaml early_exit/*.py export/*.py)
 ifneq ($(FORCE),)
-.PHONY: $(CKPT) $(EVAL) $(MAR)
+.PHONY: $(CKPT) $(CALIB) $(EVAL) $(MAR)
 endif
 
 $(CKPT): training/configs/$(PRESET).yaml | $(STAMP)
-	$(PY) -m training.data --root data $(DATASET)
-	$(PY) -m training.train --preset $(PRESET) $(if $(FORCE),,--resume)
+	$(TIMED) data -- $(PY) -m training.data --root data $(DATASET)
+	$(TIMED) train -- $(PY) -m training.train --preset $(PRESET) $(if $(FORCE),,--resume)
 
-$(EVAL): $(CKPT)
-	$(PY) -m training.evaluate $(CKPT)
+$(CALIB): $(CKPT)
+	$(TIMED) calibrate -- $(PY) -m training.calibrate $(CKPT)
 
-$(MAR): $(EVAL) $(ARCHIVE_SOURCES)
-	$(PY) -m export --checkpoint $(CKPT) --name $(NAME) --out-dir $(EXPORT) --model-store model_store \
-		--data-dir data --force
+$(EVAL): $(CALIB)
+	$(TIMED) evaluate -- $(PY) -m training.evaluate $(CKPT)
+
+$(MAR): $(EVAL) $(CALIB) $(ARCHIVE_SOURCES)
+	$(TIMED) export -- $(PY) -m export --checkpoint $(CKPT) --name $(NAME) --out-dir $(EXPORT) \
+		--model-store model_store --data-dir data --force
 
 train: $(CKPT)
+calibrate: $(CALIB)
 evaluate: $(EVAL)
 export: $(MAR)
 
-# Re-export and re-archive the existing checkpoint and calibration (no training, no evaluation).
+# Re-export and re-archive from the existing checkpoint, calibration and evaluation (none of them is redone).
 archive: $(STAMP)
-	@test -f $(CKPT) && test -f $(CALIB) || { echo "no $(CKPT) + $(CALIB): run make train-export PRESET=$(PRESET)"; exit 2; }
+	@test -f $(CKPT) && test -f $(CALIB) && test -f $(EVAL) || \
+		{ echo "no $(CKPT) + $(CALIB) + $(EVAL): run make train-export PRESET=$(PRESET)"; exit 2; }
 	$(PY) -m export --checkpoint $(CKPT) --name $(NAME) --out-dir $(EXPORT) --model-store model_store \
 		--data-dir data --force
 
@@ -93,6 +105,8 @@ train-export: $(MAR)
 	@echo
 	@echo "Archive: $(MAR)   (evaluation: $(EVAL), plots beside it)"
 	@echo "Serve it with:  make serve NAME=$(NAME)"
+	@echo
+	@$(PY) -m training.step_times table --file $(TIMINGS) --session $(SESSION) $(PIPELINE_STEPS)
 
 # --- tests -------------------------------------------------------------------
 test: setup

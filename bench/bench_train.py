@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, now, versions
+from training.calibrate import CalibrationError, calibration_path, read_calibration
+from training.calibration_attack import calibrate_checkpoint
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, TrainingAttack, load_config
 from training.evaluate import run_evaluation
@@ -103,7 +105,11 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
         ev = json.loads(eval_json.read_text())
     else:
         eval_json = Path("runs/bench") / f"eval-{method.value}" / "eval.json"
-        ev = run_evaluation(ckpt, out_dir=eval_json.parent, write_calibration_file=False)
+        try:  # the run's own calibration when it has one for these weights (the same config calibrated it)
+            read_calibration(calibration_path(ckpt), ckpt)
+        except CalibrationError:
+            calibrate_checkpoint(ckpt)
+        ev = run_evaluation(ckpt, out_dir=eval_json.parent)
     a = ev["anytime"]
     exits = []
     for k, (mf, anytime_mf) in enumerate(zip(ev["cost"]["staged_mflops"], ev["cost"]["anytime_mflops"])):
@@ -142,7 +148,6 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
 def finished_evaluation(run_dir: Path, cfg: TrainConfig) -> Path | None:
     """The run's own eval/eval.json (written by `make train-export`) when it describes exactly this checkpoint
     (calibration.json's sha256 of it) with this config's attack and calibration settings; None otherwise."""
-    from training.calibrate import CalibrationError, calibration_path, read_calibration
     from training.evaluate import attack_settings
 
     eval_json, ckpt = run_dir / "eval" / "eval.json", run_dir / "checkpoint.pt"

@@ -13,14 +13,14 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from early_exit.costs import CostError, CostProfile
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
 from early_exit.transform import EvalTransform, TransformError
 
-# 2: per-stage and per-head costs; budgets, calibration and the full graph speak in staged cost
-# (early_exit/costs.py). Format 1 charged exit k as stages 1..k plus head k only.
+# Format 2: per-stage and per-head costs; budgets, calibration and the full graph speak in staged cost
+# (early_exit/costs.py).
 FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
@@ -29,21 +29,32 @@ class ManifestError(ValueError):
     """The manifest is malformed, or a file it lists is missing or tampered with."""
 
 
-def write_json_atomic(data: Any, path: str | Path) -> Path:
-    """`data` as indented JSON at `path`, written to a temporary file and renamed, so a reader never sees half a
-    file; the temporary file is removed if writing fails. Creates the parent folder. Returns the path."""
+def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed onto `path`, so a reader (or a
+    crash mid-write) never leaves half a file there; the temporary file is removed if `write` fails. Creates the
+    parent folder. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        write(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_json_atomic(data: Any, path: str | Path) -> Path:
+    """`data` as indented JSON at `path`, written atomically (`write_atomic`). Returns the path."""
+
+    def dump(tmp: Path) -> None:
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+
+    return write_atomic(path, dump)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,6 +1,7 @@
-"""`python -m export`: checkpoint -> checked ONNX stage graphs + manifest -> model_store/<name>.mar.
+"""`python -m export`: checkpoint + calibration.json + eval/eval.json -> checked ONNX stage graphs + manifest
+-> model_store/<name>.mar.
 
-Prints the archive path on stdout. A user error (missing or foreign checkpoint, uncalibrated model,
+Prints the archive path on stdout. A user error (missing or foreign checkpoint, calibration or evaluation,
 existing output without --force, bad option) is one line on stderr and exit code 2; a failed
 export check (checker, parity, robustness) is one line and exit code 1.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
@@ -37,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path, help="a training checkpoint (.pt)")
     p.add_argument("--calibration", type=Path, default=None,
-                   help="the evaluation's calibration.json (default: beside the checkpoint)")
+                   help="the calibration step's calibration.json (default: beside the checkpoint)")
+    p.add_argument("--evaluation", type=Path, default=None,
+                   help="the evaluation's eval.json, whose figures the manifest carries (default: eval/eval.json "
+                        "beside the checkpoint)")
     p.add_argument("--name", required=True, help="model name (served as /predictions/NAME)")
     p.add_argument("--version", default="1.0")
     p.add_argument("--out-dir", type=Path, help="export folder (default artifacts/export/NAME)")
@@ -47,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adv-samples", type=int, default=500,
                    help="test images attacked for the robustness check (0 skips it)")
     p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--eps", type=float, help="attack eps (default: the checkpoint's eval_eps)")
+    p.add_argument("--eps", type=float, help="attack eps (default: the checkpoint config's eval_eps)")
     p.add_argument("--step-size", type=float, help="attack step size (default: eval_step_size)")
     p.add_argument("--steps", type=int, help="attack steps (default: eval_steps)")
     p.add_argument("--parity-json", type=Path, default=None,
@@ -74,10 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Heavy imports after parsing, so --help and argument errors are instant.
     from export.archive import ServeConfig, build_archive
     from export.errors import ExportCheckError, ExportError
-    from export.parity import AttackParams, default_attack_params
-    from export.pipeline import export_checkpoint, read_checkpoint
     from early_exit.manifest import ManifestError
+    from export.parity import AttackParams
+    from export.pipeline import export_checkpoint, read_checkpoint
+    from training.calibrate import CalibrationError
     from training.checkpoint import CheckpointError
+    from training.config import ConfigError
+    from training.evaluate import EVAL_NAME, EvaluationError, evaluation_dir
 
     try:
         given = {k: getattr(args, k) for k in ("min_workers", "max_workers", "batch_size", "max_batch_delay",
@@ -89,25 +97,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if mar.exists() and not args.force:
             raise ExportError(f"{mar} already exists; pass --force to replace it")
         attack_params = None
-        if any(v is not None for v in (args.eps, args.step_size, args.steps)):
+        chosen = {k: v for k, v in (("eps", args.eps), ("step_size", args.step_size), ("steps", args.steps))
+                  if v is not None}
+        if chosen:  # the configured attack with the options given
             ckpt, _ = read_checkpoint(args.checkpoint)
-            base = default_attack_params(str(ckpt["dataset"]["name"]), ckpt.get("config"))
-            attack_params = AttackParams(
-                eps=base.eps if args.eps is None else args.eps,
-                step_size=base.step_size if args.step_size is None else args.step_size,
-                steps=base.steps if args.steps is None else args.steps,
-            )
+            attack_params = replace(AttackParams.from_config(ckpt["config"]), **chosen)
         result = export_checkpoint(
             args.checkpoint, args.out_dir or Path("artifacts/export") / args.name, args.name, args.version,
             opset=args.opset, adv_samples=args.adv_samples, data_dir=args.data_dir, attack_params=attack_params,
-            calibration_file=args.calibration, parity_json=args.parity_json, force=args.force, threads=args.threads,
+            calibration_file=args.calibration,
+            evaluation_file=args.evaluation or evaluation_dir(args.checkpoint) / EVAL_NAME,
+            parity_json=args.parity_json, force=args.force, threads=args.threads,
         )
         path = build_archive(result.out_dir, args.model_store, args.name, args.version, args.handler,
                              serve_config=serve, force=args.force)
     except ExportCheckError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 1
-    except (CheckpointError, ExportError, ManifestError) as exc:
+    except (CheckpointError, CalibrationError, EvaluationError, ConfigError, ExportError, ManifestError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

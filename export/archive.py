@@ -28,8 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import early_exit
 import serving
 from early_exit.manifest import MANIFEST_NAME, Manifest, load_manifest, verify_files
+from early_exit.validation import describe_errors
 from export.errors import ExportError
-from serving.options import HandlerOptions, OptionsError, validation_message
+from serving.options import HandlerOptions, OptionsError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ServeConfig(BaseModel):
         except OptionsError as exc:
             raise ExportError(str(exc)) from None
         except ValidationError as exc:
-            raise ExportError(validation_message(exc, "model-config.yaml")) from None
+            raise ExportError(describe_errors(exc, "model-config.yaml")) from None
 
     # TorchServe's key in model-config.yaml for each field but `handler` (which keeps its name).
     _YAML_KEYS: ClassVar[dict[str, str]] = {

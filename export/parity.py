@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from early_exit.runner import FullGraphRunner, StagedRunner
 from export.errors import ExportError
+from training.config import validate_config
 from training.models import MultiExitNetwork
 
 log = logging.getLogger(__name__)
@@ -30,33 +31,26 @@ AttackFactory = Callable[[MultiExitNetwork], Attack]
 
 @dataclass(frozen=True)
 class AttackParams:
+    """The max-average PGD of the robustness check: L-inf radius and step (images in [0, 1]), steps, seed."""
+
     eps: float
     step_size: float
     steps: int
     seed: int = 0
 
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "AttackParams":
+        """The run's configured evaluation attack (eval_eps, eval_step_size, eval_steps, seed) from a checkpoint's
+        saved training config, read as every training step reads it (`training.config.validate_config`).
+
+        Raises ConfigError (one line) for a config that is not a training config.
+        """
+        cfg = validate_config(dict(config))
+        return cls(eps=cfg.eval_eps, step_size=cfg.eval_step_size, steps=cfg.eval_steps, seed=cfg.seed)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": "max-average-pgd", "eps": self.eps, "step_size": self.step_size,
                 "steps": self.steps, "seed": self.seed}
-
-
-# Used when the checkpoint's config does not name the evaluation attack (e.g. tests).
-_DATASET_ATTACKS = {
-    "mnist": AttackParams(0.3, 0.01, 40),
-    "fashion-mnist": AttackParams(0.1, 0.01, 40),
-    "cifar10": AttackParams(8 / 255, 2 / 255, 10),
-}
-
-
-def default_attack_params(dataset: str, config: Mapping[str, Any] | None) -> AttackParams:
-    """The checkpoint's evaluation attack (eval_eps/eval_step_size/eval_steps), else a per-dataset default."""
-    config = config or {}
-    base = _DATASET_ATTACKS.get(dataset.lower(), _DATASET_ATTACKS["cifar10"])
-    return AttackParams(
-        eps=float(config.get("eval_eps", base.eps)),
-        step_size=float(config.get("eval_step_size", base.step_size)),
-        steps=int(config.get("eval_steps", base.steps)),
-    )
 
 
 def max_average_pgd(params: AttackParams) -> AttackFactory:
@@ -72,12 +66,15 @@ def max_average_pgd(params: AttackParams) -> AttackFactory:
     return build
 
 
-def load_test_subset(dataset: str, data_dir: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `n` test images of the checkpoint's dataset (the samples training's evaluation attacks)."""
+def load_test_subset(dataset: str, data_dir: str, n: int, config: Mapping[str, Any] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n` test images of the checkpoint's dataset (the samples training's evaluation attacks).
+
+    config: the checkpoint's training config; an image folder takes its saved split and transform from it."""
     from training.data import DataError, load_tensors
 
     try:
-        return load_tensors(dataset, data_dir, "test", limit=n)
+        return load_tensors(dataset, data_dir, "test", limit=n, config=config)
     except DataError as exc:
         raise ExportError(str(exc)) from exc
 

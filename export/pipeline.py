@@ -1,4 +1,11 @@
-"""Checkpoint -> checked stage graphs + manifest.json in one folder (`export_checkpoint`).
+"""Checkpoint + calibration.json + eval/eval.json -> checked stage graphs + manifest.json in one folder
+(`export_checkpoint`).
+
+Export recomputes nothing the earlier steps wrote: the manifest's thresholds, cost profile and validation
+agreement per exit come from calibration.json (training.calibrate), its evaluation figures from eval.json
+(training.evaluate, `headline`), and the robustness check attacks with the run's configured evaluation
+attack (`AttackParams.from_config`). Each input keeps its own error type (CheckpointError, CalibrationError,
+EvaluationError, ConfigError).
 
 The folder is built under a temporary sibling name and renamed into place only
 after every check passed, so a failed export never leaves a half-written folder
@@ -49,12 +56,12 @@ from export.parity import (
     AttackParams,
     check_parity,
     check_robustness,
-    default_attack_params,
     load_test_subset,
     max_average_pgd,
 )
 from training.calibrate import Calibration, CalibrationError, calibration_path, read_calibration
 from training.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from training.evaluate import read_evaluation
 from training.models import MultiExitNetwork
 
 log = logging.getLogger(__name__)
@@ -119,7 +126,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], MultiExitNetwork]
     """
     path = Path(path)
     ckpt = load_checkpoint(path)
-    missing = [k for k in ("model_name", "model_args", "state_dict", "cost", "dataset") if k not in ckpt]
+    missing = [k for k in ("model_name", "model_args", "state_dict", "cost", "dataset", "config") if k not in ckpt]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     try:
@@ -142,18 +149,21 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], MultiExitNetwork]
 
 
 def build_manifest(
-    ckpt: dict[str, Any], calibration: Calibration, cost: CostProfile, specs: Sequence[GraphSpec], name: str,
-    version: str, opset: int, sha256: dict[str, str], extra: dict[str, Any] | None = None,
+    ckpt: dict[str, Any], calibration: Calibration, evaluation: dict[str, Any], cost: CostProfile,
+    specs: Sequence[GraphSpec], name: str, version: str, opset: int, sha256: dict[str, str],
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
-    """The manifest from checkpoint fields, the evaluation's calibration, the measured cost profile and
-    the graph specs (`sha256`: file name -> digest), validated exactly as serving will parse it."""
+    """The manifest from checkpoint fields, the calibration, the evaluation's headline figures, the measured
+    cost profile and the graph specs (`sha256`: file name -> digest), validated exactly as serving will parse it.
+
+    Raises CalibrationError for a calibration of other exit costs, CheckpointError otherwise."""
     stage_specs = [s for s in specs if s.index is not None]
     full = next((s for s in specs if s.index is None), None)
     graphs = [{"index": s.index, "file": s.file, "sha256": sha256[s.file], "input_name": s.input_name,
                "logits_name": s.logits_name, "features_name": s.features_name} for s in stage_specs]
     if calibration.cost != cost:
-        raise CheckpointError("calibration.json was computed for other exit costs than this model's; "
-                              "re-run the evaluation")
+        raise CalibrationError("calibration.json was computed for other exit costs than this model's; "
+                               "re-run python -m training.calibrate")
     try:
         d = Manifest(
             name=name,
@@ -174,7 +184,7 @@ def build_manifest(
             input_transform=(EvalTransform.from_dict(ckpt["dataset"]["transform"])  # TransformError: a ValueError
                              if ckpt["dataset"].get("transform") is not None else None),
             versions=versions(),
-            evaluation=jsonable(calibration.evaluation),
+            evaluation=jsonable(evaluation),
             extra=jsonable({"calibration_tolerance": calibration.tolerance, **(extra or {})}),
         ).to_dict()
     except (KeyError, TypeError, ValueError) as exc:
@@ -213,19 +223,26 @@ def export_checkpoint(
     attack_params: AttackParams | None = None,
     accuracy_tolerance: float = ACCURACY_TOLERANCE,
     calibration_file: str | Path | None = None,
+    evaluation_file: str | Path | None = None,
     parity_json: str | Path | None = None,
     force: bool = False,
     threads: int = 1,
     seed: int = 0,
 ) -> ExportResult:
-    """Export, check and describe a checkpoint; raises CheckpointError/ExportError/ExportCheckError.
+    """Export, check and describe a checkpoint.
 
     The calibration comes from `calibration_file` (default: calibration.json beside the checkpoint, written
-    by training.evaluate for exactly these weights).
+    by training.calibrate for exactly these weights), the manifest's evaluation figures from `evaluation_file`
+    (eval.json written by training.evaluate for these weights and this calibration; None: the manifest
+    carries none, as for benchmark archives of untrained weights).
 
     The robustness check attacks `adv_data` if given, else the first `adv_samples` test images of the
     checkpoint's dataset under `data_dir`; `adv_samples=0` without `adv_data` skips it (logged, and
-    recorded in the report). `attack_factory(model) -> attack(x, y)` defaults to max-average PGD.
+    recorded in the report). `attack_factory(model) -> attack(x, y)` defaults to max-average PGD with
+    `attack_params`, by default the run's configured evaluation attack (`AttackParams.from_config`).
+
+    Raises CheckpointError, CalibrationError, EvaluationError, ConfigError (the checkpoint's config), ExportError
+    or ExportCheckError (a failed check).
     """
     if not NAME_PATTERN.match(name):
         raise ExportError(f"model name {name!r} must match {NAME_PATTERN.pattern} (TorchServe's rule)")
@@ -237,25 +254,29 @@ def export_checkpoint(
         raise ExportError(f"parity batch sizes must be positive, got {list(batch_sizes)}")
     checkpoint_path, out_dir = Path(checkpoint_path), Path(out_dir)
     ckpt, model = read_checkpoint(checkpoint_path)
-    try:
-        calibration = read_calibration(calibration_file or calibration_path(checkpoint_path), checkpoint_path)
-    except CalibrationError as exc:
-        raise CheckpointError(str(exc)) from None
+    calibration_file = Path(calibration_file) if calibration_file else calibration_path(checkpoint_path)
+    calibration = read_calibration(calibration_file, checkpoint_path)
+    evaluation: dict[str, Any] = {}
+    if evaluation_file is not None:
+        evaluation = read_evaluation(evaluation_file, calibration.checkpoint_sha256, calibration_file)
     cost = model.cost_profile()
     num_exits = model.num_exits
     specs = [stage_spec(k, num_exits) for k in range(num_exits)] + [full_spec()]
-    build_manifest(ckpt, calibration, cost, specs, name, str(version), opset,
+    build_manifest(ckpt, calibration, evaluation, cost, specs, name, str(version), opset,
                    {s.file: _PLACEHOLDER_SHA for s in specs})  # fail fast, before any export work
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise ExportError(f"{out_dir} already exists; pass --force to replace it")
 
     attack, attack_info = None, {}
-    if adv_data is None and adv_samples > 0:
-        adv_data = load_test_subset(str(ckpt["dataset"]["name"]), str(data_dir), adv_samples)
-    if adv_data is not None:
-        params = attack_params or default_attack_params(str(ckpt["dataset"]["name"]), ckpt.get("config"))
-        attack_info = params.to_dict() if attack_factory is None else {"name": "custom"}
-        attack = (attack_factory or max_average_pgd(params))(model)  # fails here, before any export work
+    if adv_data is not None or adv_samples > 0:
+        if attack_factory is None:
+            params = attack_params or AttackParams.from_config(ckpt["config"])
+            attack_factory, attack_info = max_average_pgd(params), params.to_dict()
+        else:
+            attack_info = {"name": "custom"}
+        attack = attack_factory(model)  # fails here, before any export work
+        if adv_data is None:
+            adv_data = load_test_subset(str(ckpt["dataset"]["name"]), str(data_dir), adv_samples, ckpt["config"])
     else:
         log.warning("robustness check skipped: no adversarial samples requested")
 
@@ -268,7 +289,8 @@ def export_checkpoint(
         sha256 = {s.file: sha256_file(staging / s.file) for s in specs}
         extra = {"architecture": ckpt["model_name"], "model_args": ckpt["model_args"],
                  "checkpoint_sha256": calibration.checkpoint_sha256}
-        manifest = build_manifest(ckpt, calibration, cost, specs, name, str(version), opset, sha256, extra)
+        manifest = build_manifest(ckpt, calibration, evaluation, cost, specs, name, str(version), opset, sha256,
+                                  extra)
         runner = StagedRunner.from_folder(manifest, staging, threads)  # the runner the server will use
         full_runner = FullGraphRunner.from_folder(manifest, staging, threads)
         parity = check_parity(model, runner, full_runner, batch_sizes, atol, seed)

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from early_exit.validation import describe_errors
+
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 
 
@@ -30,13 +32,7 @@ class ResponseDetail(str, Enum):
 
 
 class OptionsError(ValueError):
-    """A `handler:` section that does not validate; the message is one line per problem."""
-
-
-def validation_message(exc: ValidationError, where: str) -> str:
-    """pydantic's errors as '<where>: field: problem; field: problem' (no input reprs, no URLs)."""
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()]
-    return f"{where}: " + "; ".join(parts)
+    """A `handler:` section that does not validate; the message is one line naming every problem."""
 
 
 class HandlerOptions(BaseModel):
@@ -72,7 +68,7 @@ class HandlerOptions(BaseModel):
         try:
             return cls.model_validate(dict(section or {}))
         except ValidationError as exc:
-            raise OptionsError(validation_message(exc, "model-config.yaml handler section")) from None
+            raise OptionsError(describe_errors(exc, "model-config.yaml handler section")) from None
 
     def to_config(self) -> dict[str, Any]:
         """The YAML-ready section (plain types), every key written so the archive shows what it serves."""

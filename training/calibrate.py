@@ -1,5 +1,11 @@
 """Per-exit confidence thresholds for a sweep of budgets, fitted on the validation split.
 
+    python -m training.calibrate runs/<name>/checkpoint.pt [--set key=value ...]
+
+writes calibration.json beside the checkpoint: the threshold table, the cost profile, the validation
+agreement of each exit with the last one, the robust-calibration summary, and the checkpoint's sha256.
+The evaluation (training.evaluate) and export read it; the checkpoint itself is never rewritten.
+
 A budget B (MFLOPs per input) is a hard cap: the deepest exit a request may
 reach is the deepest one whose staged cost (stages and heads 1..k,
 early_exit/costs.py) is <= B. Within that cap, the
@@ -13,19 +19,21 @@ keep the policy's accuracy on attacked validation images (per sample, right unde
 within a second tolerance of always answering at the deepest allowed exit. Clean-only thresholds let an
 attacker who makes exit 1 wrong with modest confidence walk through it; this constraint raises the early
 thresholds until attacked exits rarely clear them, at the clean cost that takes. The attacked sets come
-from `training.evaluate.calibration_attack_sets` (for each exit, APGD-CE and the policy attack aimed at it
-alone).
+from `training.calibration_attack.calibration_attack_sets` (for each exit, APGD-CE and the policy attack
+aimed at it alone).
 
-Evaluation writes the table, the cost profile and its summary to
-`calibration.json` beside the checkpoint (`write_calibration`); export reads it
-back (`read_calibration`). The checkpoint itself is never rewritten.
+This module is the numpy core (table search, file format) and imports no torch; the step that runs the
+model and the attacks is training/calibration_attack.py, imported only when the command runs.
 
 All decisions go through `early_exit.policy.select_exits`, the function the
 server uses, so offline figures and HTTP answers agree by construction.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -39,6 +47,7 @@ from early_exit.policy import NEVER, BudgetEntry, ConfidenceMeasure, confidence,
 CALIBRATION_NAME = "calibration.json"
 CALIBRATION_FORMAT = 1
 
+log = logging.getLogger("training.calibrate")
 
 
 @dataclass(frozen=True)
@@ -209,7 +218,7 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """What evaluation hands to export: thresholds per budget (staged MFLOPs), the cost profile, a summary."""
+    """calibration.json: thresholds per budget (staged MFLOPs), the cost profile, and what the step measured."""
 
     confidence: ConfidenceMeasure
     tolerance: float
@@ -217,7 +226,9 @@ class Calibration:
     table: tuple[BudgetEntry, ...]
     default_budget_mflops: float
     checkpoint_sha256: str
-    evaluation: dict[str, Any]  # the evaluation summary the manifest carries (JSON types only)
+    # what the step reports beside the table (JSON types only): training.calibration_attack writes
+    # {"validation_samples", "robust": the robust-calibration summary with its attack seconds, or None}
+    summary: dict[str, Any]
     exit_agreement: tuple[float | None, ...] | None = None  # per exit: agreement_with_last_exit on validation
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,11 +236,11 @@ class Calibration:
                 "confidence": self.confidence.value, "tolerance": self.tolerance, "cost": self.cost.to_dict(),
                 "default_budget_mflops": self.default_budget_mflops, "table": [r.to_dict() for r in self.table],
                 "exit_agreement": None if self.exit_agreement is None else list(self.exit_agreement),
-                "evaluation": self.evaluation}
+                "summary": self.summary}
 
 
 def calibration_path(checkpoint: str | Path) -> Path:
-    """Where evaluation writes (and export reads) the calibration of `checkpoint`: beside it."""
+    """Where the calibration step writes (and evaluation and export read) the calibration of `checkpoint`."""
     return Path(checkpoint).with_name(CALIBRATION_NAME)
 
 
@@ -245,18 +256,18 @@ def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> 
     """
     path = Path(path)
     if not path.is_file():
-        raise CalibrationError(f"{path} does not exist; evaluate the checkpoint first "
-                               f"(python -m training.evaluate {checkpoint or '<checkpoint>'})")
+        raise CalibrationError(f"{path} does not exist; calibrate the checkpoint first "
+                               f"(python -m training.calibrate {checkpoint or '<checkpoint>'})")
     try:
         d = json.loads(path.read_text())
         if d.get("format_version") != CALIBRATION_FORMAT:
             raise CalibrationError(f"{path} has format {d.get('format_version')}, expected {CALIBRATION_FORMAT}; "
-                                   "re-run the evaluation")
+                                   "re-run python -m training.calibrate")
         calibration = Calibration(
             confidence=ConfidenceMeasure(d["confidence"]), tolerance=float(d["tolerance"]),
             cost=CostProfile.from_dict(d["cost"]), table=tuple(BudgetEntry.from_dict(r) for r in d["table"]),
             default_budget_mflops=float(d["default_budget_mflops"]), checkpoint_sha256=str(d["checkpoint_sha256"]),
-            evaluation=dict(d.get("evaluation") or {}),
+            summary=dict(d.get("summary") or {}),
             exit_agreement=None if d.get("exit_agreement") is None else tuple(
                 None if a is None else float(a) for a in d["exit_agreement"]),
         )
@@ -268,5 +279,41 @@ def read_calibration(path: str | Path, checkpoint: str | Path | None = None) -> 
     if not calibration.table:
         raise CalibrationError(f"{path} holds an empty calibration table")
     if checkpoint is not None and sha256_file(checkpoint) != calibration.checkpoint_sha256:
-        raise CalibrationError(f"{path} was written for other weights than {checkpoint}; re-run the evaluation")
+        raise CalibrationError(f"{path} was written for other weights than {checkpoint}; "
+                               f"re-run python -m training.calibrate {checkpoint}")
     return calibration
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The calibration step's command line; a user error is one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m training.calibrate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key for this step, e.g. --set calibration_robust_tolerance=0.02")
+    args = p.parse_args(argv)
+    # torch and the model only now: importing this module stays torch-free
+    from training.calibration_attack import calibrate_checkpoint
+    from training.checkpoint import CheckpointError
+    from training.config import ConfigError, parse_overrides
+    from training.data import DataError
+
+    try:
+        calibration, _ = calibrate_checkpoint(args.checkpoint, parse_overrides(args.overrides))
+    except (CheckpointError, ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for row in calibration.table:
+        log.info("budget %.2f MFLOPs (cap exit %d): thresholds %s, validation accuracy %.4f at %.2f MFLOPs",
+                 row.budget_mflops, row.max_exit + 1, [round(t, 4) for t in row.thresholds], row.val_accuracy,
+                 row.val_mean_mflops)
+    robust = calibration.summary.get("robust")
+    if robust:
+        log.info("robust calibration: %d attacked validation images, %.1f s of attacks", robust["samples"],
+                 robust["attack_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,21 +11,20 @@ Keys (format_version 2):
                       optimizer, scheduler, timing (the in-run timing sums), history, and rng: {"world_size",
                       per-rank python / numpy / torch CPU and CUDA states and the attack and EOKD generators}.
 
-Evaluation never rewrites a checkpoint: it writes its calibration table and summary to
-`calibration.json` beside it (training.evaluate), which export reads.
+No later step rewrites a checkpoint: calibration writes `calibration.json` beside it (training.calibrate) and
+evaluation writes `eval/` beside it (training.evaluate); export reads all three.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from early_exit.manifest import write_atomic
 from training.models import MultiExitNetwork, create_model
 
 FORMAT_VERSION = 2  # 2: "cost" (per stage and head) replaced "exit_mflops"; no calibration inside
@@ -57,18 +56,8 @@ def make_checkpoint(model: MultiExitNetwork, dataset: dict[str, Any], config: di
 
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> Path:
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Atomic write (`early_exit.manifest.write_atomic`): a crash mid-save never leaves a truncated checkpoint."""
+    return write_atomic(path, lambda tmp: torch.save(ckpt, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

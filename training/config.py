@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from early_exit.validation import describe_errors
 
 from early_exit.policy import ConfidenceMeasure
 from early_exit.transform import Interpolation
@@ -157,12 +159,12 @@ class TrainConfig(BaseModel):
     slowdown_step_size: PositiveFloat = 0.002
     slowdown_steps: NonNegativeInt = 30
     strong_eval: bool = True  # per-exit APGD-CE/APGD-T and the adaptive policy attack (off: the papers' PGD only)
-    apgd_steps: int = 100  # iterations of each APGD run (AutoAttack's standard: 100)
-    apgd_restarts: int = 1  # random restarts of APGD-CE, and of APGD-T per target class
-    apgd_target_classes: int = 3  # APGD-T runs, one per top wrong class (AutoAttack's standard: 9)
-    policy_attack_steps: int = 50  # APGD-style steps of the adaptive attack on the early-exit policy (per row, exit)
-    policy_attack_restarts: int = 1  # random restarts of the policy attack (per sample, the best iterate is kept)
-    policy_attack_kappa: float = 1.0  # cap (nats) on each exit's slack in the policy attack's CW-style loss
+    apgd_steps: PositiveInt = 100  # iterations of each APGD run (AutoAttack's standard: 100)
+    apgd_restarts: PositiveInt = 1  # random restarts of APGD-CE, and of APGD-T per target class
+    apgd_target_classes: PositiveInt = 3  # APGD-T runs, one per top wrong class (AutoAttack's standard: 9)
+    policy_attack_steps: PositiveInt = 50  # APGD-style steps of the adaptive attack on the early-exit policy
+    policy_attack_restarts: PositiveInt = 1  # random restarts of the policy attack (per sample, the best iterate)
+    policy_attack_kappa: PositiveFloat = 1.0  # cap (nats) on each exit's slack in the policy attack's CW-style loss
     # calibration
     confidence: ConfidenceMeasure = _choice(ConfidenceMeasure.MAX_PROB)
     calibration_tolerance: NonNegativeFloat = 0.003
@@ -202,11 +204,6 @@ class TrainConfig(BaseModel):
     heads_first_iterations: NonNegativeInt = 0
     # --- end torchvision backbones
 
-    @model_validator(mode="before")
-    @classmethod
-    def _legacy_keys(cls, data: Any) -> Any:
-        return migrate_legacy_keys(data) if isinstance(data, dict) else data
-
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -228,73 +225,17 @@ class TrainConfig(BaseModel):
         return Path(self.out_dir) / self.name
 
 
-_TYPE_WORDS = {
-    "int_type": "must be an integer", "float_type": "must be a number", "bool_type": "must be true or false",
-    "string_type": "must be a string", "list_type": "must be a list", "dict_type": "must be a mapping",
-    "none_required": "must be null",
-}
-_BOUND_WORDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "config"
-
-
-def describe_errors(exc: ValidationError) -> str:
-    """One line for all of a ValidationError's problems: `key must be ..., got <value>`, joined by '; '."""
-    lines = []
-    for err in exc.errors(include_url=False):
-        kind, where, ctx = err["type"], _location(err["loc"]), err.get("ctx") or {}
-        got = f", got {err['input']!r}" if "input" in err else ""
-        if kind == "extra_forbidden":
-            lines.append(f"unknown config key {where!r}")
-            continue
-        if kind in _TYPE_WORDS:
-            what = _TYPE_WORDS[kind]
-        elif kind == "enum":
-            what = f"must be one of {ctx.get('expected', '?')}"
-        elif kind in _BOUND_WORDS:
-            bound = next(iter(ctx.values()), "?")
-            what = f"must be {_BOUND_WORDS[kind]} {bound}"
-        elif kind == "value_error":
-            what, where, got = str(ctx.get("error", err["msg"])), "", ""
-        else:
-            what = err["msg"][:1].lower() + err["msg"][1:]
-        lines.append(f"{where} {what}{got}".strip())
-    return "; ".join(lines)
-
-
-def _validated(values: dict[str, Any]) -> TrainConfig:
+def validate_config(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from plain values (a preset, a checkpoint's saved config); raises ConfigError (one line)."""
     try:
         return TrainConfig.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(describe_errors(exc)) from None
 
 
-def migrate_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
-    """Configs saved before `base_loss_weighting` carry `clean_weight` / `adv_weight` (0.5 / 0.5 or 1 / 1)."""
-    if not {"clean_weight", "adv_weight"} & values.keys():
-        return values
-    values = dict(values)
-    weights = (values.pop("clean_weight", 0.5), values.pop("adv_weight", 0.5))
-    for weighting in BaseLossWeighting:
-        if weights == weighting.weights:
-            values["base_loss_weighting"] = weighting
-            return values
-    raise ValueError(f"clean_weight / adv_weight {weights} are replaced by base_loss_weighting, which is one of "
-                     + ", ".join(f"{w.value} {w.weights}" for w in BaseLossWeighting))
-
-
 def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     """Validate `cfg` with `values` applied as a whole, then update `cfg` in place (and return it)."""
-    try:
-        values = migrate_legacy_keys(values)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    merged = _validated({**{key: getattr(cfg, key) for key in TrainConfig.model_fields}, **values})
+    merged = validate_config({**{key: getattr(cfg, key) for key in TrainConfig.model_fields}, **values})
     for key in TrainConfig.model_fields:
         object.__setattr__(cfg, key, getattr(merged, key))
     return cfg
@@ -335,7 +276,7 @@ def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of config keys")
-    return _validated({"name": preset, **values, **parse_overrides(overrides or [])})
+    return validate_config({"name": preset, **values, **parse_overrides(overrides or [])})
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -404,7 +404,7 @@ def _rng_sha256(generators: dict[str, torch.Generator]) -> str:
     return h.hexdigest()
 
 
-def timing_summary(sums: dict[str, float], steps: int, seconds: float, attack_steps: int) -> dict[str, Any]:
+def iteration_timing(sums: dict[str, float], steps: int, seconds: float, attack_steps: int) -> dict[str, Any]:
     """train.json's `timing`: seconds per part, their share of the iterations' wall time, ms per iteration.
 
     `attack` includes its parts (`attack/exit<k>` or `attack/batched`, and `attack/scoring`);
@@ -530,7 +530,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         # every rank trains its own batch in parallel: the total rate is all samples over the slowest rank's time
         "train_seconds": max(seconds), "train_samples_per_s": total_samples / max(max(seconds), 1e-9),
         "train_samples_per_s_per_rank": state.samples / max(state.seconds, 1e-9),
-        "timing": timing_summary(timings.sums, state.step, state.seconds, cfg.attack_steps),
+        "timing": iteration_timing(timings.sums, state.step, state.seconds, cfg.attack_steps),
         "cost": core.cost_profile().to_dict(), "history": history,
     }
     log.info("waited on data %.1f%% of the training time (%.1f of %.1f s, %d workers)",

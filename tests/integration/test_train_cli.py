@@ -1,4 +1,4 @@
-"""End to end on a real MNIST subset: train (neokd), resume (exact), evaluate + calibrate; CLI error handling;
+"""End to end on a real MNIST subset: train (neokd), resume (exact), calibrate, evaluate; CLI error handling;
 the trainer's pieces (BatchNorm-aware clean/adversarial forwards, schedules, CIFAR augmentation per worker)."""
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ def test_resume_continues_from_last_checkpoint(trained, data_root):
     assert json.loads((trained / "train.json").read_text())["steps"] == 14
 
 
-def test_evaluate_calibrates_and_writes_json_and_plots(trained):
+def test_calibrate_then_evaluate_write_calibration_json_and_plots(trained):
+    proc = run("-m", "training.calibrate", str(trained / "checkpoint.pt"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (trained / "calibration.json").is_file() and not (trained / "eval").exists()
     proc = run("-m", "training.evaluate", str(trained / "checkpoint.pt"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     ev = json.loads((trained / "eval" / "eval.json").read_text())
@@ -90,7 +93,7 @@ def test_evaluate_calibrates_and_writes_json_and_plots(trained):
             assert b[s]["mean_mflops"] <= b["budget_mflops"] + 1e-9
     for png in ev["plots"]:
         assert Path(png).stat().st_size > 1000
-    # the calibration goes to calibration.json beside the checkpoint, which evaluation never rewrites
+    # the calibration goes to calibration.json beside the checkpoint, which no step rewrites
     from training.calibrate import calibration_path, read_calibration
 
     checkpoint = trained / "checkpoint.pt"
@@ -104,6 +107,7 @@ def test_evaluate_calibrates_and_writes_json_and_plots(trained):
         assert len(a[key]) == 3 and all(w <= m + 1e-9 for w, m in zip(a["worst_case"], a["max-average"]))
     default = ev["policy"]["budgets"][-1]
     assert default["robust_accuracy"] <= default["clean"]["accuracy"] + 1e-9
+    assert ev["calibration"]["table"] == [r.to_dict() for r in calibration.table]  # judged by that calibration
 
 
 @pytest.mark.parametrize("args, message", [
@@ -124,11 +128,12 @@ def test_train_cli_errors_are_one_line_with_exit_code_2(args, message, tmp_path)
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_evaluate_cli_rejects_missing_and_foreign_checkpoints(tmp_path):
+@pytest.mark.parametrize("step", ["training.calibrate", "training.evaluate"])
+def test_calibrate_and_evaluate_clis_reject_missing_and_foreign_checkpoints(tmp_path, step):
     foreign = tmp_path / "foreign.pt"
     torch.save({"hello": 1}, foreign)
     for path in (tmp_path / "missing.pt", foreign):
-        proc = run("-m", "training.evaluate", str(path))
+        proc = run("-m", step, str(path))
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 

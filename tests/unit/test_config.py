@@ -1,4 +1,5 @@
-"""TrainConfig: defaults, strict types, enums, one-line ConfigErrors, presets, overrides, save/load round trip."""
+"""TrainConfig: defaults, strict types, enums, one-line ConfigErrors, presets, overrides, save/load round trip;
+the one pydantic error formatter (early_exit.validation) the handler options and model-config.yaml share."""
 from __future__ import annotations
 
 import pytest
@@ -73,7 +74,14 @@ def test_to_dict_holds_plain_values_and_round_trips(tmp_path):
     ({"lr_schedule": "cosine"}, "lr_schedule must be one of 'multistep' or 'onecycle'"),
     ({"dataset": "svhn"}, "dataset must be one of"),
     ({"train_limit": None, "no_such_key": 1}, "unknown config key 'no_such_key'"),
-    ({"clean_weight": 0.3, "adv_weight": 0.7}, "replaced by base_loss_weighting"),
+    # the evaluation's attack settings are validated here, where they are declared
+    ({"apgd_steps": 0}, "apgd_steps must be >= 1, got 0"),
+    ({"apgd_restarts": 0}, "apgd_restarts must be >= 1, got 0"),
+    ({"apgd_target_classes": 0}, "apgd_target_classes must be >= 1, got 0"),
+    ({"policy_attack_steps": -1}, "policy_attack_steps must be >= 1, got -1"),
+    ({"policy_attack_restarts": 0}, "policy_attack_restarts must be >= 1, got 0"),
+    ({"policy_attack_kappa": 0.0}, "policy_attack_kappa must be > 0"),
+    ({"policy_attack_kappa": "big"}, "policy_attack_kappa must be a number"),
 ])
 def test_bad_values_raise_one_line_config_errors(values, message):
     with pytest.raises(ConfigError) as info:
@@ -116,14 +124,6 @@ def test_apply_overrides_updates_in_place_and_validates_as_a_whole():
     assert cfg.iterations == 5, "a failed override leaves the config untouched"
 
 
-def test_legacy_base_weights_in_saved_configs_are_mapped():
-    """Checkpoints saved before base_loss_weighting hold clean_weight / adv_weight."""
-    assert apply_overrides(TrainConfig(), {"clean_weight": 0.5, "adv_weight": 0.5}).base_loss_weighting \
-        is BaseLossWeighting.RDI
-    cfg = TrainConfig.model_validate({"clean_weight": 1.0, "adv_weight": 1.0})
-    assert cfg.base_loss_weighting is BaseLossWeighting.UNWEIGHTED
-
-
 def test_presets_load_and_keep_their_values():
     assert {"mnist-quick", "mnist-paper", "fashion-quick", "cifar10-paper"} <= set(list_presets())
     for preset in list_presets():
@@ -153,3 +153,20 @@ def test_every_default_is_written_once():
     fields = TrainConfig.model_fields
     assert all(not f.is_required() for f in fields.values())
     assert TrainConfig().to_dict() == TrainConfig.model_validate({}).to_dict()
+
+
+def test_one_error_formatter_serves_every_pydantic_model():
+    """Training config, handler options and model-config.yaml name their problems the same way, on one line."""
+    from export.archive import ServeConfig
+    from export.errors import ExportError
+    from serving.options import HandlerOptions, OptionsError
+
+    with pytest.raises(OptionsError) as info:
+        HandlerOptions.from_config({"top_k": 0, "max_payload_byte": 1, "audit_rate": "x" * 200})
+    text = str(info.value)
+    assert text.startswith("model-config.yaml handler section: ") and "\n" not in text
+    assert "top_k must be >= 1, got 0" in text and "unknown config key 'max_payload_byte'" in text
+    assert "audit_rate must be a number" in text and "x" * 100 not in text  # a long value is shortened
+    with pytest.raises(ExportError) as info:
+        ServeConfig.from_values(min_workers=3, max_workers=2)
+    assert str(info.value) == "model-config.yaml: max_workers (2) is below min_workers (3)"

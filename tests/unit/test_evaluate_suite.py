@@ -1,28 +1,41 @@
-"""training.evaluate: the attack suite's bookkeeping (worst cases, the policy judged per budget row, slowdown,
-APGD-T on survivors), `--split val`, and an end-to-end run on a tiny checkpoint (eval.json, calibration.json)."""
+"""training.evaluate: the typed attack suite (its runs, names, progress and timing), its bookkeeping (worst
+cases, the policy judged per budget row, slowdown, APGD-T on survivors), `--split val`, and end to end on a
+tiny checkpoint: training.calibrate writes calibration.json, training.evaluate reads it and writes eval/."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
-from training.calibrate import ExitOutputs, read_calibration
+from training.attacked_sets import EvalResult, evaluate
+from training.calibrate import CalibrationError, ExitOutputs, calibration_path, read_calibration
+from training.calibrate import main as calibrate_main
+from training.calibration_attack import calibrate_checkpoint
 from training.checkpoint import make_checkpoint, save_checkpoint
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.data import dataset_info
 from training.evaluate import (
-    EvalResult,
-    evaluate,
+    AttackRun,
+    AttackSuite,
+    EvaluationError,
+    Family,
+    RunKind,
+    attack_timing,
+    evaluation_dir,
     main,
+    plan_suite,
     policy_row,
     policy_targets,
+    read_evaluation,
     run_evaluation,
     slowdown_row,
-    slowdown_settings,
+    slowdown_runs,
     worst_case_correct,
 )
 from training.models import create_model
@@ -84,12 +97,42 @@ def test_slowdown_row_measures_early_exits_below_the_rows_cap():
 
 
 def test_slowdown_runs_at_the_accuracy_radius_with_a_scaled_step():
-    runs = slowdown_settings(TrainConfig(eval_eps=0.3, slowdown_eps=8 / 255, slowdown_step_size=0.002))
-    assert [r["name"] for r in runs] == ["deepsloth", "deepsloth@0.03137"]
-    assert runs[0]["eps"] == 0.3 and runs[0]["step_size"] == pytest.approx(0.002 * 0.3 / (8 / 255))
-    assert runs[1]["step_size"] == 0.002
-    same = slowdown_settings(TrainConfig(eval_eps=8 / 255, slowdown_eps=8 / 255))
-    assert len(same) == 1 and same[0]["name"] == "deepsloth" and same[0]["step_size"] == 0.002
+    runs = slowdown_runs(TrainConfig(eval_eps=0.3, slowdown_eps=8 / 255, slowdown_step_size=0.002))
+    assert [r.name for r in runs] == ["deepsloth", "deepsloth@0.03137"]
+    assert runs[0].eps == 0.3 and runs[0].step_size == pytest.approx(0.002 * 0.3 / (8 / 255))
+    assert runs[1].step_size == 0.002
+    same = slowdown_runs(TrainConfig(eval_eps=8 / 255, slowdown_eps=8 / 255))
+    assert len(same) == 1 and same[0].name == "deepsloth" and same[0].step_size == 0.002
+    assert {r.family for r in runs} == {Family.DEEPSLOTH}
+
+
+def test_runs_name_their_sets_and_the_plan_follows_the_config():
+    entry = _entry(1, (0.9, 1.01, 1.01))
+    assert AttackRun(RunKind.CLEAN).name == "clean" and AttackRun(RunKind.MAX_AVERAGE, 0.3).name == "max-average"
+    assert AttackRun(RunKind.SINGLE, 0.3, exit=0).name == "single/exit1"
+    assert AttackRun(RunKind.APGD_T, 0.3, exit=2).name == "apgd-t/exit3"
+    assert AttackRun(RunKind.POLICY, 0.3, exit=0, target=entry).name == "policy/cap2/exit1"
+    assert AttackRun(RunKind.AVERAGE, 0.3).family is Family.PGD and AttackRun(RunKind.POLICY).family is Family.POLICY
+    table = [_entry(0, (1.01, 1.01, 1.01)), entry, _entry(2, (0.9, 1.01, 1.01))]
+    cfg = TrainConfig(eval_eps=0.3, slowdown_eps=8 / 255)
+    strong = plan_suite(cfg, 3, table)
+    weak = plan_suite(TrainConfig(eval_eps=0.3, slowdown_eps=8 / 255, strong_eval=False), 3, table)
+    assert [r.name for r in weak] == ["clean", "single/exit1", "single/exit2", "single/exit3", "average",
+                                      "max-average", "deepsloth", "deepsloth@0.03137"]
+    assert strong[:len(weak)] == weak and len(strong) == len(weak) + 2 * 3 + len(policy_targets(table))
+    assert len({r.name for r in strong}) == len(strong)  # every set has its own name
+
+
+def test_attack_timing_groups_runs_by_family():
+    runs = [AttackRun(RunKind.CLEAN), AttackRun(RunKind.SINGLE, 0.3, exit=0), AttackRun(RunKind.MAX_AVERAGE, 0.3),
+            AttackRun(RunKind.DEEPSLOTH, 0.3), AttackRun(RunKind.DEEPSLOTH, 0.03, own_radius=True)]
+    sets = {r: _set([[0] * 4] * 3, [[True] * 4] * 3) for r in runs}
+    for seconds, s in zip((0.5, 1.0, 2.0, 4.0, 8.0), sets.values()):
+        s.seconds = seconds
+    t = attack_timing(sets, 4)
+    assert t["family_seconds"] == {"clean": 0.5, "pgd": 3.0, "deepsloth": 12.0}
+    assert t["seconds"]["deepsloth@0.03"] == 8.0 and t["total_seconds"] == 15.5
+    assert t["per_100_samples"]["total"] == pytest.approx(100 * 15.5 / 4)
 
 
 def test_evaluate_attacks_only_the_rows_asked_for():
@@ -112,18 +155,46 @@ TINY = dict(val_size=300, eval_batch_size=64, eval_steps=2, slowdown_steps=2, ap
             policy_attack_steps=2, calibration_tolerance=0.05)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, data_root):
-    torch.manual_seed(0)
+def _tiny_checkpoint(path, data_root, seed: int = 0):
+    torch.manual_seed(seed)
     net = create_model("smallcnn")
     cfg = TrainConfig(name="tiny", data_dir=str(data_root), **TINY)
-    path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
-    save_checkpoint(make_checkpoint(net, dataset_info("mnist").to_dict(), cfg.to_dict()), path)
+    return save_checkpoint(make_checkpoint(net, dataset_info("mnist").to_dict(), cfg.to_dict()), path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_root):
+    """A tiny checkpoint, calibrated by the calibration step's command line (calibration.json beside it)."""
+    path = _tiny_checkpoint(tmp_path_factory.mktemp("run") / "checkpoint.pt", data_root)
+    assert calibrate_main([str(path)]) == 0
     return path
 
 
-def test_run_evaluation_end_to_end(checkpoint):
+def test_the_suite_makes_exactly_the_planned_runs_and_counts_them(checkpoint):
+    torch.manual_seed(0)
+    model = create_model("smallcnn").eval()
+    cfg = TrainConfig(**{**TINY, "apgd_steps": 1, "policy_attack_steps": 1, "eval_steps": 1, "slowdown_steps": 1})
+    table = read_calibration(calibration_path(checkpoint), checkpoint).table
+    runs = plan_suite(cfg, model.num_exits, table)
+    suite = AttackSuite(model, cfg, torch.rand(5, 1, 28, 28), torch.arange(5), runs,
+                        ConfidenceMeasure.MAX_PROB)
+    sets = suite.run_all()
+    assert list(sets) == list(runs) and suite.progress.total == len(runs) == suite.progress.n
+    assert any(r.kind is RunKind.POLICY for r in sets) and any(r.kind is RunKind.APGD_T for r in sets)
+
+
+def test_calibrate_cli_writes_the_calibration_evaluate_reads(checkpoint):
+    calibration_file = calibration_path(checkpoint)
+    calibration = read_calibration(calibration_file, checkpoint)
+    assert len(calibration.table) == 3 and calibration.summary["validation_samples"] == 300
+    assert calibration.summary["robust"] is None  # calibration_robust_tolerance is null in this config
     ev = run_evaluation(checkpoint, limit=12)
+    assert ev["calibration"]["table"] == [r.to_dict() for r in calibration.table]
+    assert ev["calibration"]["exit_agreement_val"] == list(calibration.exit_agreement)
+    assert ev["calibration_file"] == str(calibration_file)
+    assert ev["calibration_sha256"] == hashlib.sha256(calibration_file.read_bytes()).hexdigest()
+    assert [r["budget_mflops"] for r in ev["policy"]["budgets"]] == [r.budget_mflops for r in calibration.table]
+
     assert json.loads((checkpoint.parent / "eval" / "eval.json").read_text())["split"] == "test"
     assert ev["split"] == "test" and ev["attacked_samples"] == 12 and ev["test_samples"] == 10000
     a, k = ev["anytime"], 3
@@ -144,17 +215,19 @@ def test_run_evaluation_end_to_end(checkpoint):
     sloth = ev["slowdown"]["budgets"]
     assert ev["slowdown_attack"]["eps"] == 0.3 and {"clean", "deepsloth"} <= set(sloth[-1])
     assert ev["timing"]["per_100_samples"]["total"] > 0 and "policy" in ev["timing"]["family_seconds"]
-    cal = read_calibration(checkpoint.with_name("calibration.json"), checkpoint)
-    assert cal.evaluation["policy"][-1]["robust_accuracy"] == rows[-1]["robust_accuracy"]
-    assert cal.evaluation["anytime"]["worst_case"] == a["worst_case"] and cal.evaluation["split"] == "test"
-    assert {"slowdown", "budgeted", "attack"} <= set(cal.evaluation)
+    assert set(ev["timing"]["seconds"]) == set(a["worst_case_sets"])  # every set timed, by its run's name
+    headline = read_evaluation(evaluation_dir(checkpoint) / "eval.json", calibration.checkpoint_sha256,
+                               calibration_file)
+    assert headline["policy"][-1]["robust_accuracy"] == rows[-1]["robust_accuracy"]
+    assert headline["anytime"]["worst_case"] == a["worst_case"] and headline["split"] == "test"
+    assert {"slowdown", "budgeted", "attack"} <= set(headline)
     for png in ev["plots"]:
         assert (checkpoint.parent / "eval" / png.split("/")[-1]).stat().st_size > 1000
 
 
-def test_split_val_attacks_validation_images_and_leaves_calibration_alone(checkpoint, caplog):
-    calibration = checkpoint.with_name("calibration.json")
-    before = calibration.read_bytes() if calibration.exists() else None
+def test_split_val_attacks_validation_images_with_the_same_calibration(checkpoint, caplog):
+    calibration = calibration_path(checkpoint)
+    before = calibration.read_bytes()
     with caplog.at_level(logging.INFO, logger="training.evaluate"):
         assert main([str(checkpoint), "--split", "val", "--limit", "8", "--set", "strong_eval=false"]) == 0
     ev = json.loads((checkpoint.parent / "eval-val" / "eval.json").read_text())
@@ -162,23 +235,49 @@ def test_split_val_attacks_validation_images_and_leaves_calibration_alone(checkp
     assert "clean_full_test" not in ev["anytime"] and "apgd-ce" not in ev["anytime"]
     assert ev["attack"]["strong_eval"] is False
     assert any("split: val" in m for m in caplog.messages)
-    assert (calibration.read_bytes() if calibration.exists() else None) == before
+    assert calibration.read_bytes() == before  # evaluation never writes the calibration
+    table = read_calibration(calibration, checkpoint).table
+    assert ev["calibration"]["table"] == [r.to_dict() for r in table]
+    with pytest.raises(EvaluationError, match="evaluates the val split"):  # export takes test figures only
+        read_evaluation(checkpoint.parent / "eval-val" / "eval.json", ev["checkpoint_sha256"], calibration)
 
 
 def test_bad_strong_suite_settings_are_one_line_errors(checkpoint, capsys):
-    assert main([str(checkpoint), "--limit", "4", "--set", "apgd_steps=0", "--no-calibration"]) == 2
+    assert main([str(checkpoint), "--limit", "4", "--set", "apgd_steps=0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "apgd_steps must be >= 1" in err[0]
+    assert main([str(checkpoint), "--limit", "4", "--set", "calibration_tolerance=0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration_tolerance" in err[0] and "training.calibrate" in err[0]
+
+
+def test_evaluate_refuses_a_calibration_of_other_weights(checkpoint, tmp_path, capsys):
+    other = _tiny_checkpoint(tmp_path / "checkpoint.pt", checkpoint.parent, seed=1)
+    shutil.copy(calibration_path(checkpoint), calibration_path(other))
+    with pytest.raises(CalibrationError, match="other weights"):
+        run_evaluation(other, limit=4)
+    assert main([str(other), "--limit", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other weights" in err[0] and "training.calibrate" in err[0]
+    assert not (tmp_path / "eval").exists()
+    calibration_path(other).unlink()
+    assert main([str(other), "--limit", "4"]) == 2
+    assert "calibrate the checkpoint first" in capsys.readouterr().err
 
 
 def test_robust_calibration_attacks_validation_images_and_keeps_its_floor(checkpoint, tmp_path):
-    ev = run_evaluation(checkpoint, tmp_path / "eval", limit=8, write_calibration_file=False, split="val",
-                        overrides={"strong_eval": False, "calibration_robust_tolerance": 0.0,
-                                   "calibration_attack_limit": 40})
-    robust = ev["calibration"]["robust"]
-    assert robust["samples"] == 40 and robust["tolerance"] == 0.0
-    assert [r["budget_mflops"] for r in robust["rows"]] == ev["cost"]["staged_mflops"]
+    ckpt = tmp_path / "checkpoint.pt"
+    shutil.copy(checkpoint, ckpt)
+    calibration, _ = calibrate_checkpoint(ckpt, {"calibration_robust_tolerance": 0.0,
+                                                 "calibration_attack_limit": 40})
+    robust = calibration.summary["robust"]
+    assert robust["samples"] == 40 and robust["tolerance"] == 0.0 and robust["attack_seconds"] > 0
+    assert [r["budget_mflops"] for r in robust["rows"]] == list(calibration.cost.staged)
     for row in robust["rows"]:  # tolerance 0: the chosen thresholds lose nothing on the attacked images
         assert row["val_robust_accuracy"] >= row["reference"] - 1e-12
-    assert run_evaluation(checkpoint, tmp_path / "plain", limit=8, write_calibration_file=False, split="val",
-                          overrides={"strong_eval": False})["calibration"]["robust"] is None
+    ev = run_evaluation(ckpt, tmp_path / "eval", limit=8, split="val", overrides={"strong_eval": False})
+    assert ev["calibration"]["robust"] == robust  # the evaluation reports the calibration it was judged by
+    plain, _ = calibrate_checkpoint(ckpt)
+    assert plain.summary["robust"] is None
+    with pytest.raises(ConfigError, match="calibration_robust_tolerance"):
+        run_evaluation(ckpt, tmp_path / "eval", limit=8, overrides={"calibration_robust_tolerance": 0.0})

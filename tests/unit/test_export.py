@@ -7,6 +7,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from early_exit.manifest import ManifestError, load_manifest, sha256_file, verify_files
+from early_exit.manifest import ManifestError, load_manifest, sha256_file, verify_files, write_json_atomic
 from export.archive import ServeConfig, build_archive, read_mar_manifest, verify_archive
 from export.errors import ExportCheckError, ExportError
 from early_exit.runner import StagedRunner, open_session
@@ -24,6 +25,7 @@ from export.pipeline import ExportResult, export_checkpoint
 from serving.options import HandlerOptions
 from training.calibrate import (
     Calibration,
+    CalibrationError,
     ExitOutputs,
     calibrate_table,
     calibration_path,
@@ -31,7 +33,8 @@ from training.calibrate import (
     write_calibration,
 )
 from early_exit.policy import ConfidenceMeasure
-from training.checkpoint import make_checkpoint, model_from_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, make_checkpoint, model_from_checkpoint, save_checkpoint
+from training.evaluate import EVAL_NAME, EvaluationError, evaluation_dir, headline
 from training.models import create_model, list_models
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +49,10 @@ def _dataset(shape: tuple[int, ...]) -> dict[str, Any]:
             "background": 0.0}
 
 
-def make_calibrated_checkpoint(arch: str, path: Path, calibrated: bool = True, seed: int = 0) -> Path:
-    """An untrained model, and beside it the calibration.json evaluation would write (a real table fitted on
-    random validation data)."""
+def make_calibrated_checkpoint(arch: str, path: Path, calibrated: bool = True, seed: int = 0,
+                               config: dict[str, Any] | None = None) -> Path:
+    """An untrained model, and beside it the calibration.json the calibration step would write (a real table
+    fitted on random validation data) and an eval/eval.json in the evaluation's format for both."""
     torch.manual_seed(seed)
     model = create_model(arch, **SMALL_ARGS.get(arch, {})).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -58,11 +62,19 @@ def make_calibrated_checkpoint(arch: str, path: Path, calibrated: bool = True, s
         logits = [out.numpy() for out in model(x)]
     cost = model.cost_profile()
     table = calibrate_table(ExitOutputs.from_logits(logits, y.numpy()), cost.staged, tolerance=0.01)
-    save_checkpoint(make_checkpoint(model, _dataset(model.input_shape), {"seed": seed}), path)
+    save_checkpoint(make_checkpoint(model, _dataset(model.input_shape), config or {"seed": seed}), path)
     if calibrated:
-        write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.01, cost, tuple(table), cost.staged[-1],
-                                      sha256_file(path), {"clean_accuracy": [0.1] * model.num_exits,
-                                                          "note": "untrained"}), calibration_path(path))
+        calibration = write_calibration(Calibration(ConfidenceMeasure.MAX_PROB, 0.01, cost, tuple(table),
+                                                    cost.staged[-1], sha256_file(path), {"note": "untrained"}),
+                                        calibration_path(path))
+        rows = [{"budget_mflops": r.budget_mflops, "max_exit": r.max_exit + 1} for r in table]
+        write_json_atomic({"split": "test", "checkpoint_sha256": sha256_file(path),
+                           "calibration_sha256": sha256_file(calibration), "cost": cost.to_dict(),
+                           "anytime": {"clean": [0.1] * model.num_exits}, "attack": {"eps": 0.3},
+                           "slowdown_attack": {"eps": 0.3}, "attacked_samples": 64, "budgeted": {"budgets": rows},
+                           "policy": {"budgets": [{**r, "by_set": {}} for r in rows]},
+                           "slowdown": {"budgets": rows}, "note": "untrained"},
+                          evaluation_dir(path) / EVAL_NAME)
     return path
 
 
@@ -82,7 +94,8 @@ def export_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple
             ckpt = make_calibrated_checkpoint(arch, root / "model.pt")
             shape = tuple(torch.load(ckpt, weights_only=True)["dataset"]["input_shape"])
             result = export_checkpoint(ckpt, root / "out", f"test-{arch}", "2.1", adv_data=adv_data(shape),
-                                       attack_params=TINY_ATTACK, parity_json=root / "export-parity.json")
+                                       attack_params=TINY_ATTACK, parity_json=root / "export-parity.json",
+                                       evaluation_file=evaluation_dir(ckpt) / EVAL_NAME)
             cache[arch] = (ckpt, result)
         return cache[arch]
 
@@ -175,7 +188,10 @@ def test_manifest_schema(exported: tuple[Path, ExportResult]) -> None:
     assert m.full_graph.mflops == pytest.approx(m.cost.anytime[-1])
     assert m.full_graph.mflops < m.staged_mflops[-1]
     assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= set(m.versions)
-    assert m.evaluation == calibration.evaluation
+    evaluation = json.loads((evaluation_dir(ckpt_path) / EVAL_NAME).read_text())
+    assert m.evaluation == headline(evaluation) and "note" not in m.evaluation  # the headline, not all of eval.json
+    assert m.evaluation["policy"] and all("by_set" not in row for row in m.evaluation["policy"])
+    assert m.exit_agreement == calibration.exit_agreement
     assert m.extra["architecture"] == ckpt["model_name"] and m.extra["calibration_tolerance"] == 0.01
 
 
@@ -218,7 +234,7 @@ def test_failed_check_fails_the_export(tmp_path: Path, monkeypatch: pytest.Monke
     with pytest.raises(ExportCheckError, match="stage_1.onnx alone"):
         export_checkpoint(ckpt, tmp_path / "out", "broken", adv_samples=0, parity_json=tmp_path / "p.json")
     assert not (tmp_path / "out").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json", "m.pt", "p.json"]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json", "eval", "m.pt", "p.json"]  # no staging
     report = json.loads((tmp_path / "p.json").read_text())
     assert report["passed"] is False and report["parity"]["failures"]
 
@@ -242,12 +258,36 @@ def test_checks_catch_a_different_model(exported: tuple[Path, ExportResult]) -> 
     assert not parity["passed"] and any(f"chain to exit {k}" in f for f in parity["failures"])
 
 
+def test_robustness_check_uses_the_runs_configured_evaluation_attack(tmp_path: Path) -> None:
+    config = {"seed": 3, "eval_eps": 0.05, "eval_step_size": 0.02, "eval_steps": 1}
+    ckpt = make_calibrated_checkpoint("smallcnn", tmp_path / "m.pt", config=config)
+    assert AttackParams.from_config(config) == AttackParams(eps=0.05, step_size=0.02, steps=1, seed=3)
+    result = export_checkpoint(ckpt, tmp_path / "out", "configured", adv_data=adv_data((1, 28, 28), 8),
+                               batch_sizes=(1,), evaluation_file=evaluation_dir(ckpt) / EVAL_NAME)
+    assert result.report["robustness"]["attack"] == {"name": "max-average-pgd", "eps": 0.05, "step_size": 0.02,
+                                                     "steps": 1, "seed": 3}
+
+
+def test_each_input_keeps_its_error_type(tmp_path: Path) -> None:
+    """A missing calibration is a CalibrationError and a missing evaluation an EvaluationError, never a
+    CheckpointError: the CLI maps each to one line, the library keeps them apart."""
+    ckpt = make_calibrated_checkpoint("smallcnn", tmp_path / "m.pt", calibrated=False)
+    with pytest.raises(CalibrationError, match="calibrate the checkpoint first") as info:
+        export_checkpoint(ckpt, tmp_path / "out", "m", adv_samples=0)
+    assert not isinstance(info.value, CheckpointError)
+    ckpt = make_calibrated_checkpoint("smallcnn", tmp_path / "m.pt")
+    with pytest.raises(EvaluationError, match="evaluate the checkpoint first"):
+        export_checkpoint(ckpt, tmp_path / "out", "m", adv_samples=0, evaluation_file=tmp_path / "none.json")
+    assert not (tmp_path / "out").exists()
+
+
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "export", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
 
 
-@pytest.mark.parametrize("kind", ["missing", "plain-dict", "text", "uncalibrated"])
+@pytest.mark.parametrize("kind", ["missing", "plain-dict", "text", "uncalibrated", "unevaluated", "stale-evaluation",
+                                  "foreign-config"])
 def test_cli_user_errors_are_one_line(kind: str, tmp_path: Path) -> None:
     ckpt = tmp_path / "model.pt"
     if kind == "plain-dict":
@@ -256,6 +296,15 @@ def test_cli_user_errors_are_one_line(kind: str, tmp_path: Path) -> None:
         ckpt.write_text("not a checkpoint\n")
     elif kind == "uncalibrated":
         make_calibrated_checkpoint("smallcnn", ckpt, calibrated=False)
+    elif kind == "unevaluated":
+        make_calibrated_checkpoint("smallcnn", ckpt)
+        (evaluation_dir(ckpt) / EVAL_NAME).unlink()
+    elif kind == "stale-evaluation":  # calibrated again after the evaluation: eval.json judged another table
+        make_calibrated_checkpoint("smallcnn", ckpt)
+        calibration = read_calibration(calibration_path(ckpt), ckpt)
+        write_calibration(replace(calibration, tolerance=0.02), calibration_path(ckpt))
+    elif kind == "foreign-config":  # the robustness check reads the run's attack from a training config
+        make_calibrated_checkpoint("smallcnn", ckpt, config={"purpose": "not a training config"})
     handler = tmp_path / "handler.py"
     handler.write_text("")
     proc = _run_cli("--checkpoint", str(ckpt), "--name", "m", "--out-dir", str(tmp_path / "out"),
@@ -266,7 +315,9 @@ def test_cli_user_errors_are_one_line(kind: str, tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     expected = {"missing": "does not exist", "plain-dict": "not a robust-early-exit checkpoint",
-                "text": "not a readable torch checkpoint", "uncalibrated": "evaluate the checkpoint first"}[kind]
+                "text": "not a readable torch checkpoint", "uncalibrated": "calibrate the checkpoint first",
+                "unevaluated": "evaluate the checkpoint first", "stale-evaluation": "judged another calibration",
+                "foreign-config": "unknown config key 'purpose'"}[kind]
     assert expected in lines[0]
     assert not (tmp_path / "out").exists() and not (tmp_path / "p.json").exists()
 
