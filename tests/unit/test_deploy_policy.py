@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serving.options import HandlerOptions
+from serving.decoding import PHOTO_JPEG_BYTES, derive_limits
 
 REPO = Path(__file__).resolve().parents[2]
 PROXY = REPO / "deploy" / "proxy"
@@ -41,8 +41,11 @@ def _presetenv() -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------- proxy
 def test_proxy_body_limit_is_the_handlers_limit() -> None:
-    """One number: the proxy's default EE_MAX_PAYLOAD_BYTES, compose's value and the handler's default."""
-    limit = HandlerOptions().max_payload_bytes
+    """One number: the proxy's default EE_MAX_PAYLOAD_BYTES, compose's value and TorchServe's max_request_size,
+    which is at least the largest body a photo model's handler accepts (a camera JPEG)."""
+    properties = (REPO / "serving" / "config.properties").read_text()
+    (limit,) = [int(v) for v in re.findall(r"^max_request_size=(\d+)$", properties, re.M)]
+    assert derive_limits((3, 32, 32)).jpeg_bytes == PHOTO_JPEG_BYTES <= limit
     defaults = _presetenv()
     assert int(defaults["EE_MAX_PAYLOAD_BYTES"]) == limit
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
