@@ -12,6 +12,13 @@ what is left (data, bookkeeping) is the loop's overhead. The breakdown per part,
 attack step of each exit, is in the JSON, with the FLOP rate each part achieves (from the model's cost
 profile: an input-gradient step on exit k ~ 2x the anytime forward of exit k, a scoring pass = the full
 staged forward per candidate, the update ~ 3x the staged forward on the clean and adversarial rows).
+
+That bound is about 1 by construction. The machine's own rate is the other bound (train.json `machine_rate`
+and `efficiency`, training/train.py `measure_machine_rate`): the GFLOP/s of one plain forward and backward of the
+whole network at the training batch size, timed in the same run, against the GFLOP/s the training iterations
+achieved (FlopCounterMode over one whole iteration, attack steps on truncated prefixes included, times the
+iterations, over the training seconds). Its ratio shows what truncated prefixes, mode switches, data loading and
+Python overhead cost.
 """
 from __future__ import annotations
 
@@ -48,7 +55,17 @@ def compute_bound(summary: dict[str, Any], batch_size: int) -> dict[str, Any]:
         "samples_per_s": measured, "bound_samples_per_s": bound, "ratio": measured / bound,
         "ms_per_iteration": timing["ms_per_iteration"], "share": timing["share"],
         "attack_step_ms_per_exit": timing["attack_step_ms_per_exit"],
+        **machine_efficiency(summary),
     }
+
+
+def machine_efficiency(summary: dict[str, Any]) -> dict[str, Any]:
+    """train.json's machine rate and the training's efficiency against it (empty for a run that predates them)."""
+    if "efficiency" not in summary:
+        return {}
+    eff = summary["efficiency"]
+    return {"machine_gflops_per_s": eff["machine_gflops_per_s"], "achieved_gflops_per_s": eff["achieved_gflops_per_s"],
+            "machine_ratio": eff["ratio"], "iteration_gflop": summary["machine_rate"]["iteration_gflop"]}
 
 
 def achieved_gflops(summary: dict[str, Any], cfg: TrainConfig) -> dict[str, float]:
@@ -220,8 +237,14 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Training throughput {t['train_samples_per_s']:.1f} samples/s, bound {t['bound_samples_per_s']:.1f} "
               f"samples/s (ratio {t['ratio']:.3f}; the bound counts only the attack, scoring and update time "
               "measured inside the same runs); train seconds: "
-              + ", ".join(f"{m} {r['train_seconds']:.0f}" for m, r in result["methods"].items()), "",
-              "| method | part | ms / iteration | share | GFLOP/s |", "|---|---|---|---|---|"]
+              + ", ".join(f"{m} {r['train_seconds']:.0f}" for m, r in result["methods"].items()), ""]
+    machine = [(m, r["throughput"]) for m, r in result["methods"].items() if "machine_ratio" in r["throughput"]]
+    if machine:
+        lines += ["Against the machine's own rate (one plain forward+backward at the training batch size, timed in "
+                  "the same run; FLOPs by FlopCounterMode): "
+                  + "; ".join(f"{m} achieved {tp['achieved_gflops_per_s']:.1f} of {tp['machine_gflops_per_s']:.1f} "
+                              f"GFLOP/s (ratio {tp['machine_ratio']:.3f})" for m, tp in machine), ""]
+    lines += ["| method | part | ms / iteration | share | GFLOP/s |", "|---|---|---|---|---|"]
     for method, r in result["methods"].items():
         tp = r["throughput"]
         for part, ms in tp["ms_per_iteration"].items():
@@ -257,7 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"source": TARGETS, **targets(methods)},
         "throughput": {"train_samples_per_s": mean("samples_per_s"), "bound_samples_per_s": mean("bound_samples_per_s"),
                        "ratio": mean("ratio"), "measured_on": [k for k, m in methods.items() if m in timed],
-                       "bound": "batch / (attack + scoring + update seconds per iteration), timed inside the run"},
+                       "bound": "batch / (attack + scoring + update seconds per iteration), timed inside the run",
+                       **({"machine_ratio": mean("machine_ratio"), "machine_bound":
+                           "achieved GFLOP/s of the training iterations over the GFLOP/s of one plain forward+backward "
+                           "at the training batch size, both in the same run"}
+                          if all("machine_ratio" in m["throughput"] for m in timed) else {})},
     }
     out = args.out or RESULTS / f"train-{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,15 @@ continue from the seeds of the epoch the process started in).
 
 train.json's `timing` holds the wall-clock seconds of each part of the training iterations (data, each
 exit's attack, the attack's scoring forwards, the update), measured inside the run (bench/bench_train.py).
+Its `machine_rate` is the GFLOP/s this machine reaches on one plain forward and backward of the whole network
+at the training batch size, and `efficiency` the GFLOP/s the training iterations achieved against it (FLOPs
+by torch's FlopCounterMode; `measure_machine_rate`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import itertools
 import json
@@ -36,8 +40,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from training.attacks import Attack, build_attack
@@ -422,6 +428,135 @@ def iteration_timing(sums: dict[str, float], steps: int, seconds: float, attack_
     }
 
 
+MACHINE_RATE_REPEATS = 5  # timed plain passes after one warm-up; the fastest one gives the rate
+
+
+class _GlobalOnly:
+    """A stand-in for FlopCounterMode's module tracker: every FLOP is counted under 'Global' only."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> "_GlobalOnly":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode (its registry: matrix products and convolutions, backward included) without the
+    per-module attribution: the module tracker's backward hooks make `torch.autograd.grad` on a leaf input (every
+    PGD step) raise "A leaf node was passed to _will_engine_execute_node" (torch 2.14)."""
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
+    return counter
+
+
+def count_iteration_flops(core: MultiExitNetwork, cfg: TrainConfig, objective: MultiExitLoss,
+                          x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """FLOPs of one training iteration of `cfg` on the batch (x, y), each part counted by FlopCounterMode.
+
+    `attack`: every PGD step of the training attack as it runs (a single-exit attack of the max-average set runs
+    the truncated prefix up to its exit, its input-gradient backward only the path to that exit) plus the
+    max-average scoring forwards; `update`: the clean and adversarial forwards, the loss and the parameter
+    backward. The optimizer step is left out (its element-wise updates are no FLOPs to FlopCounterMode, which
+    counts matrix products and convolutions). `core` is trained here (BatchNorm statistics move, gradients
+    are left in it): pass a copy. Values in FLOPs (a multiply-add is 2), per iteration of one rank.
+    """
+    core.train()
+    generator = torch.Generator(device=x.device).manual_seed(cfg.seed)
+    attack = build_training_attack(cfg, core, generator)
+    x_adv = None
+    counts: dict[str, float] = {"attack": 0.0}
+    if attack is not None:
+        attack.eps = cfg.eps
+        with flop_counter() as counter:
+            x_adv = attack(x, y)
+        counts["attack"] = float(counter.get_total_flops())
+    pair = CleanAdvPair(core, separate=separate_forwards(cfg, core))
+    with flop_counter() as counter:
+        clean_logits, adv_logits = pair(x, x_adv)
+        loss, _ = objective(clean_logits, adv_logits, y)
+        loss.backward()
+    counts["update"] = float(counter.get_total_flops())
+    core.zero_grad(set_to_none=True)
+    counts["total"] = counts["attack"] + counts["update"]
+    return counts
+
+
+@dataclass
+class MachineRate:
+    """What one plain forward and backward of the whole network costs and takes on this machine, and the FLOPs of
+    one training iteration (`count_iteration_flops`); all from the run itself (`measure_machine_rate`)."""
+
+    batch_size: int
+    pass_flops: float  # one forward (every exit's cross-entropy) and backward to the parameters, batch_size rows
+    pass_seconds: list[float]  # the timed repetitions, after a warm-up
+    iteration_flops: dict[str, float]  # attack, update, total
+
+    @property
+    def gflops_per_s(self) -> float:
+        """The machine's rate: pass FLOPs over the fastest repetition (others' jobs only slow a pass down)."""
+        return self.pass_flops / max(min(self.pass_seconds), 1e-12) / 1e9
+
+    def to_dict(self) -> dict[str, Any]:
+        median = sorted(self.pass_seconds)[len(self.pass_seconds) // 2]
+        return {"gflops_per_s": self.gflops_per_s, "median_gflops_per_s": self.pass_flops / max(median, 1e-12) / 1e9,
+                "pass_gflop": self.pass_flops / 1e9, "pass_seconds": self.pass_seconds, "batch_size": self.batch_size,
+                "iteration_gflop": {k: v / 1e9 for k, v in self.iteration_flops.items()},
+                "measured": f"one forward (every exit's cross-entropy) and backward of the whole network in train "
+                            f"mode at batch {self.batch_size}, the fastest of {len(self.pass_seconds)} timed "
+                            f"repetitions after a warm-up; FLOPs by torch's FlopCounterMode"}
+
+    def efficiency(self, iterations: int, seconds: float) -> dict[str, Any]:
+        """The training iterations' achieved GFLOP/s (iteration FLOPs x iterations / their wall seconds, data
+        loading included) and its ratio to the machine's rate. Attack steps on truncated prefixes, mode switches,
+        data loading and Python overhead all lower it."""
+        achieved = self.iteration_flops["total"] * iterations / max(seconds, 1e-12) / 1e9
+        return {"achieved_gflops_per_s": achieved, "machine_gflops_per_s": self.gflops_per_s,
+                "ratio": achieved / max(self.gflops_per_s, 1e-12), "iterations": iterations, "seconds": seconds}
+
+
+def measure_machine_rate(core: MultiExitNetwork, cfg: TrainConfig, objective: MultiExitLoss,
+                         generators: dict[str, torch.Generator], device: torch.device,
+                         repeats: int = MACHINE_RATE_REPEATS) -> MachineRate:
+    """Time `repeats` plain forward+backward passes of a copy of `core` (after one warm-up) on a random batch of
+    `cfg.batch_size`, and count one training iteration's FLOPs on the same batch.
+
+    Side-effect free for the run: the copy takes the BatchNorm updates and gradients, and every random state
+    (python, numpy, torch, the attack's and EOKD's generators) is restored afterwards, so the run's weights
+    are the same with or without this measurement. With `heads_first_iterations`, the copy has the stages
+    frozen as `core` has them at the call: the iteration counted is that phase's.
+    """
+    saved = capture_rng(generators, device)
+    try:
+        probe = copy.deepcopy(core).train()
+        data_gen = torch.Generator().manual_seed(cfg.seed)
+        classes = len(dataset_info(cfg.dataset, cfg).classes)
+        x = torch.rand(cfg.batch_size, *core.input_shape, generator=data_gen).to(device)
+        y = (torch.arange(cfg.batch_size) % classes).to(device)
+        if cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        timings = Timings(device)
+
+        def plain_pass() -> None:
+            loss = torch.stack([F.cross_entropy(out, y) for out in probe(x)]).sum()
+            loss.backward()
+            probe.zero_grad(set_to_none=True)
+
+        with flop_counter() as counter:
+            plain_pass()  # also the warm-up
+        seconds = []
+        for _ in range(repeats):
+            start = timings.now()
+            plain_pass()
+            seconds.append(timings.now() - start)
+        iteration = count_iteration_flops(probe, cfg, objective, x, y)
+    finally:
+        restore_rng(saved, generators, device)
+    return MachineRate(cfg.batch_size, float(counter.get_total_flops()), seconds, iteration)
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train per `cfg`; returns the final checkpoint path (runs/<name>/checkpoint.pt)."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -502,6 +637,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if _is_main():
             _save_resume(core, optimizer, scheduler, cfg, state, rng, timings, history, ema)
 
+    rate = measure_machine_rate(core, cfg, objective, generators, device)
+    log.info("machine rate %.1f GFLOP/s (plain forward+backward, batch %d); one training iteration %.2f GFLOP",
+             rate.gflops_per_s, cfg.batch_size, rate.iteration_flops["total"] / 1e9)
     progress = tqdm(total=cfg.iterations, initial=state.step, desc=f"train {cfg.name} [{cfg.method.value}]",
                     disable=not _is_main(), dynamic_ncols=True)
     while state.step < cfg.iterations:
@@ -532,7 +670,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         "train_samples_per_s_per_rank": state.samples / max(state.seconds, 1e-9),
         "timing": iteration_timing(timings.sums, state.step, state.seconds, cfg.attack_steps),
         "cost": core.cost_profile().to_dict(), "history": history,
+        "machine_rate": rate.to_dict(), "efficiency": rate.efficiency(state.step, state.seconds),
     }
+    log.info("training achieved %.1f GFLOP/s, %.2f of the machine's %.1f GFLOP/s",
+             summary["efficiency"]["achieved_gflops_per_s"], summary["efficiency"]["ratio"], rate.gflops_per_s)
     log.info("waited on data %.1f%% of the training time (%.1f of %.1f s, %d workers)",
              100 * summary["timing"]["share"].get("data", 0.0), timings.sums.get("data", 0.0), state.seconds,
              cfg.num_workers)

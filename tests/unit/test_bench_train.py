@@ -22,3 +22,23 @@ def test_targets_report_each_figure_and_whether_it_is_met() -> None:
     assert t["policy_robust_cost_over_full_network"]["met"] is True
     # exit 1: 0.80 < 0.81, so neokd is not at least adv on every exit
     assert t["neokd_at_least_adv_every_exit"]["met"] is False
+
+
+def _summary(with_machine_rate: bool) -> dict:
+    summary = {"timing": {"iterations": 10, "seconds": 20.0, "parts_s": {"attack": 12.0, "update": 6.0, "data": 2.0},
+                          "ms_per_iteration": {}, "share": {}, "attack_step_ms_per_exit": []}}
+    if with_machine_rate:
+        summary["machine_rate"] = {"iteration_gflop": {"attack": 30.0, "update": 10.0, "total": 40.0}}
+        summary["efficiency"] = {"achieved_gflops_per_s": 20.0, "machine_gflops_per_s": 80.0, "ratio": 0.25}
+    return summary
+
+
+def test_compute_bound_carries_the_machine_rate_from_train_json() -> None:
+    from bench.bench_train import compute_bound
+
+    bound = compute_bound(_summary(True), batch_size=8)
+    assert abs(bound["ratio"] - 18.0 / 20.0) < 1e-12  # the in-run bound: compute seconds over iteration seconds
+    assert bound["machine_ratio"] == 0.25 and bound["machine_gflops_per_s"] == 80.0
+    assert bound["iteration_gflop"]["total"] == 40.0
+    # a run trained before train.json had a machine rate: no machine figures, nothing made up
+    assert "machine_ratio" not in compute_bound(_summary(False), batch_size=8)
