@@ -170,3 +170,67 @@ def test_one_error_formatter_serves_every_pydantic_model():
     with pytest.raises(ExportError) as info:
         ServeConfig.from_values(min_workers=3, max_workers=2)
     assert str(info.value) == "model-config.yaml: max_workers (2) is below min_workers (3)"
+
+
+# ----------------------------------------------------------------------------- presets of the user's own
+def test_a_preset_file_outside_the_repository_loads_with_its_stem_as_the_run_name(tmp_path, monkeypatch):
+    (tmp_path / "my-photos.yaml").write_text("dataset: imagefolder\ndata_dir: photos\ninput_size: 32\n"
+                                             "model: torchvision:resnet18\nexits: [layer1, layer2]\n")
+    monkeypatch.chdir(tmp_path.parent)  # the preset is read from its path, not from training/configs
+    cfg = load_config(str(tmp_path / "my-photos.yaml"), ["iterations=3"])
+    assert (cfg.name, cfg.dataset, cfg.data_dir, cfg.exits, cfg.iterations) == (
+        "my-photos", DatasetName.IMAGEFOLDER, "photos", ["layer1", "layer2"], 3)
+    assert cfg.run_dir == __import__("pathlib").Path("runs") / "my-photos"
+    (tmp_path / "other.yml").write_text("name: holiday_2024\niterations: 7\n")
+    assert load_config(str(tmp_path / "other.yml")).name == "holiday_2024", "name: in the file wins over the stem"
+    assert load_config(str(tmp_path / "other.yml"), ["name=x"]).name == "x", "an override wins over both"
+    monkeypatch.chdir(tmp_path)
+    assert load_config("other.yml").iterations == 7, "a bare file name ending in .yml is a file, not a preset name"
+
+
+def test_relative_paths_in_a_preset_file_stay_relative_to_the_current_directory(tmp_path):
+    """Documented (README, training/config.py): data_dir is not rebased on the preset file's folder."""
+    (tmp_path / "p.yaml").write_text("data_dir: photos\n")
+    assert load_config(str(tmp_path / "p.yaml")).data_dir == "photos"
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no preset file {path}; give a YAML file of config keys or one of: cifar10-paper"),
+    ("- a\n- b\n", "preset {path} must be a mapping of config keys"),
+    ("iterations: [1\n", "preset {path} is not YAML: while parsing"),
+    ("nope: 1\n", "unknown config key 'nope'"),
+])
+def test_a_bad_preset_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert message.format(path=path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["my photos", "my.photos", "-x", "ü", "a/b", ""])
+def test_a_run_name_torchserve_would_refuse_is_one_line(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"may hold only letters, digits, '-' and '_'") as info:
+        TrainConfig(name=name)
+    assert "\n" not in str(info.value)
+    if "/" not in name and name:
+        (tmp_path / f"{name}.yaml").write_text("iterations: 5\n")
+        with pytest.raises(ConfigError, match=r"name '.*' may hold only"):
+            load_config(str(tmp_path / f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("name", ["mnist-quick", "cifar10-jpeg-quick", "my_photos", "007", "A"])
+def test_names_torchserve_accepts_are_kept(name):
+    assert TrainConfig(name=name).name == name
+
+
+def test_train_cli_refuses_a_missing_preset_file_with_one_line_and_status_2(tmp_path, capsys):
+    from training.train import main
+
+    missing = tmp_path / "my-photos.yaml"
+    assert main(["--preset", str(missing), "iterations=1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no preset file {missing}; give a YAML file of config keys or one of: " \
+                  "cifar10-paper, fashion-quick, mnist-paper, mnist-quick\n"
+    assert not (tmp_path / "runs").exists()
