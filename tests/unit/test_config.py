@@ -232,5 +232,66 @@ def test_train_cli_refuses_a_missing_preset_file_with_one_line_and_status_2(tmp_
     assert main(["--preset", str(missing), "iterations=1"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: no preset file {missing}; give a YAML file of config keys or one of: " \
-                  "cifar10-paper, fashion-quick, mnist-paper, mnist-quick\n"
+                  f"{', '.join(list_presets())}\n"
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- the Makefile's names for a preset
+def _make_n(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    from pathlib import Path
+
+    return subprocess.run(["make", "-n", *args], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_make_names_the_run_and_the_archive_after_the_preset(tmp_path):
+    for preset in ("mnist-quick", "mnist-paper"):  # both once made model_store/mnist.mar
+        proc = _make_n("train-export", f"PRESET={preset}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"--preset {preset} name={preset} out_dir=runs" in proc.stdout
+        assert f"--name {preset} --out-dir artifacts/export/{preset}" in proc.stdout
+        assert f"runs/{preset}/checkpoint.pt" in proc.stdout and f"model_store/{preset}.mar" in proc.stdout
+    own = tmp_path / "my-photos.yaml"
+    own.write_text(f"dataset: imagefolder\ndata_dir: {tmp_path}/photos   # a comment\ninput_size: 32\n")
+    proc = _make_n("train-export", f"PRESET={own}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--preset {own} name=my-photos out_dir=runs" in proc.stdout
+    assert "--name my-photos" in proc.stdout and "model_store/my-photos.mar" in proc.stdout
+    assert "training.data" not in proc.stdout, "your own folder: nothing to download"
+    own.write_text("name: 'holiday_2024'  # quoted\nout_dir: elsewhere\ndataset: imagefolder\n"
+                   "data_dir: data/cifar10-jpeg/train\n")
+    proc = _make_n("train-export", f"PRESET={own}")
+    assert proc.returncode == 0, proc.stderr
+    assert "name=holiday_2024 out_dir=elsewhere" in proc.stdout and "elsewhere/holiday_2024/checkpoint.pt" in proc.stdout
+    assert "model_store/holiday_2024.mar" in proc.stdout
+    assert "training.data --root data cifar10-jpeg" in proc.stdout, "the shared archive the folder unpacks from"
+
+
+def test_make_serve_with_a_name_alone_finds_the_preset_of_that_name():
+    proc = _make_n("serve", "NAME=fashion-quick")
+    assert proc.returncode == 0, proc.stderr
+    assert "--preset fashion-quick name=fashion-quick" in proc.stdout and "--models fashion-quick.mar" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-export", "PRESET={tmp}/none.yaml"], "no preset file {tmp}/none.yaml: PRESET is one of "),
+    (["train-export", "PRESET=nope"], "no preset file training/configs/nope.yaml"),
+    (["serve", "NAME=no-such-run-here"], "no run runs/no-such-run-here and no preset "
+                                          "training/configs/no-such-run-here.yaml: make train-export PRESET="),
+    (["train-export", "NAME=a.b"], "NAME 'a.b' may hold only letters, digits, '-' and '_'"),
+    (["serve", "PRESET=mnist-quick", "NAME=a b"], "NAME 'a b' may hold only letters, digits, '-' and '_'"),
+    (["train-export", "PRESET={tmp}/my photos.yaml"], "NAME 'my photos' may hold only"),
+])
+def test_make_refuses_a_missing_preset_or_a_bad_name_with_one_line(tmp_path, args, message):
+    proc = _make_n(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert message.format(tmp=tmp_path) in line, line
+
+
+def test_make_refuses_a_preset_whose_name_torchserve_would_refuse(tmp_path):
+    (tmp_path / "my.photos.yaml").write_text("iterations: 3\n")
+    proc = _make_n("train-export", f"PRESET={tmp_path}/my.photos.yaml")
+    assert proc.returncode == 2 and "NAME 'my.photos' may hold only" in proc.stderr
+    assert _make_n("help", "PRESET=/nowhere.yaml").returncode == 0, "goals that read no run ignore PRESET"
