@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import yaml
 
+from serving.client import TOKEN_ENV
 from serving.server import KeyKind, stop_server
 from tests.unit.test_doc_examples import LIVE_SECTIONS, REPO, Example, bash_examples
 
@@ -97,8 +98,9 @@ def test_client_example_gets_a_json_answer(example: Example, torchserve_server, 
     image.write_bytes(live.tiny.png(1))
     argv = [sys.executable if w.endswith("python") else str(image) if w == "digit.png" else w
             for w in example.argv]
-    argv += ["--url", live.server.inference_url, "--model", live.model, "--token", live.server.key(KeyKind.INFERENCE)]
-    proc = subprocess.run(argv, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=120)
+    argv += ["--url", live.server.inference_url, "--model", live.model]
+    env = {**os.environ, TOKEN_ENV: live.server.key(KeyKind.INFERENCE)}  # the client takes no token argument
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, f"{example.where}: {proc.stderr}"
     assert proc.stderr.startswith("HTTP 200")
     assert {"class_index", "exit_index"} <= set(json.loads(proc.stdout))
