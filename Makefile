@@ -9,9 +9,27 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+# PRESET: a preset of training/configs/ (mnist-quick) or the path of your own YAML file of config keys
+# (/home/me/my-photos.yaml: a word holding a '/' or ending in .yaml/.yml is a file). Relative paths inside it
+# (data_dir, ...) are taken from the repository root, where make runs. NAME, the run's name, is the file's `name:`
+# key, else the preset's name (a file's stem: my-photos); it names the run (runs/NAME), the archive
+# (model_store/NAME.mar) and the served model (/predictions/NAME), so two presets never share an archive.
+# NAME=x on the command line renames the run; NAME from the environment is ignored (WSL sets it to the host).
+# `make serve NAME=x` without PRESET finds the run's preset: training/configs/x.yaml, else runs/x/config.yaml.
+ifeq ($(origin PRESET)$(origin NAME),undefinedcommand line)
+PRESET := $(if $(wildcard training/configs/$(NAME).yaml),$(NAME),$(firstword $(wildcard runs/$(NAME)/config.yaml) $(NAME)))
+PRESET_FROM_NAME := 1
+endif
 PRESET ?= mnist-quick
-NAME   ?= $(firstword $(subst -, ,$(PRESET)))
-RUN    := runs/$(PRESET)
+PRESET_FILE := $(if $(or $(findstring /,$(PRESET)),$(filter %.yaml %.yml,$(PRESET))),$(PRESET),training/configs/$(PRESET).yaml)
+# A top-level key of the preset file as written (surrounding quotes and a trailing comment dropped); empty if absent.
+preset_key = $(shell sed -n 's/^$(1):[[:space:]]*//p' '$(PRESET_FILE)' 2>/dev/null | head -n 1 \
+	| sed -e 's/[[:space:]]\{1,\}\#.*//' -e 's/^["'"'"']\(.*\)["'"'"'][[:space:]]*$$/\1/')
+ifneq ($(origin NAME),command line)
+NAME   := $(or $(call preset_key,name),$(patsubst %.yml,%,$(patsubst %.yaml,%,$(notdir $(PRESET_FILE)))))
+endif
+OUT_DIR := $(or $(call preset_key,out_dir),runs)
+RUN    := $(OUT_DIR)/$(NAME)
 CKPT   := $(RUN)/checkpoint.pt
 EVAL   := $(RUN)/eval/eval.json
 CALIB  := $(RUN)/calibration.json
@@ -22,7 +40,28 @@ SESSION := $(shell date +%s%N)
 # `$(TIMED) STEP -- CMD` runs CMD and appends its wall time to $(TIMINGS) under this make run's SESSION.
 TIMED   = $(PY) -m training.step_times run --file $(TIMINGS) --session $(SESSION) --step
 PIPELINE_STEPS := data train calibrate evaluate export
-DATASET = $(shell sed -n 's/^dataset: *//p' training/configs/$(PRESET).yaml)
+DATASET := $(or $(call preset_key,dataset),mnist)
+DATA_DIR := $(call preset_key,data_dir)
+# What the data step prepares: the preset's dataset; for an image folder, the shared archive its data_dir unpacks
+# from when it is a missing folder under data/ (data_dir: data/cifar10-jpeg/train -> cifar10-jpeg), else nothing
+# (your own folder).
+PRESET_DATA := $(if $(filter imagefolder,$(DATASET)),$(if $(and $(filter data,$(firstword $(subst /, ,$(DATA_DIR)))),\
+	$(if $(wildcard $(DATA_DIR)),,missing)),$(word 2,$(subst /, ,$(DATA_DIR)))),$(DATASET))
+PORT   ?= 8080
+# The goals that read the run: a missing preset file or a name TorchServe would refuse stops them at once (one line).
+RUN_GOALS := train calibrate evaluate export archive train-export serve bench-export bench-serve
+ifneq ($(filter $(RUN_GOALS),$(MAKECMDGOALS)),)
+ifneq ($(shell printf '%s' '$(NAME)' | grep -xE '[A-Za-z0-9][A-Za-z0-9_-]*'),$(NAME))
+$(error NAME '$(NAME)' may hold only letters, digits, '-' and '_' (it names runs/NAME, model_store/NAME.mar and /predictions/NAME): set name: in the preset)
+endif
+ifeq ($(wildcard $(PRESET_FILE)),)
+ifdef PRESET_FROM_NAME
+$(error no run runs/$(NAME) and no preset training/configs/$(NAME).yaml: make train-export PRESET=<your preset file> first)
+else
+$(error no preset file $(PRESET_FILE): PRESET is one of $(patsubst training/configs/%.yaml,%,$(wildcard training/configs/*.yaml)) or the path of your own YAML file)
+endif
+endif
+endif
 FORCE  ?=
 
 .PHONY: help setup data train calibrate evaluate export archive train-export test test-unit test-integration \
@@ -30,6 +69,7 @@ FORCE  ?=
 
 help:
 	@echo "make train-export [PRESET=mnist-quick]   train, calibrate, evaluate, export and archive a model"
+	@echo "                  [PRESET=path/to/my.yaml]  your own preset file (archive: model_store/my.mar)"
 	@echo "make test                                 run the whole test suite"
 	@echo "make archive                              re-export the trained checkpoint (no retraining)"
 	@echo "make serve / make stop                    start / stop TorchServe on model_store/ (builds the archive)"
@@ -75,9 +115,9 @@ ifneq ($(FORCE),)
 .PHONY: $(CKPT) $(CALIB) $(EVAL) $(MAR)
 endif
 
-$(CKPT): training/configs/$(PRESET).yaml | $(STAMP)
-	$(TIMED) data -- $(PY) -m training.data --root data $(DATASET)
-	$(TIMED) train -- $(PY) -m training.train --preset $(PRESET) $(if $(FORCE),,--resume)
+$(CKPT): $(PRESET_FILE) | $(STAMP)
+	$(if $(PRESET_DATA),$(TIMED) data -- $(PY) -m training.data --root data $(PRESET_DATA))
+	$(TIMED) train -- $(PY) -m training.train --preset $(PRESET) name=$(NAME) out_dir=$(OUT_DIR) $(if $(FORCE),,--resume)
 
 $(CALIB): $(CKPT)
 	$(TIMED) calibrate -- $(PY) -m training.calibrate $(CKPT)
@@ -104,7 +144,7 @@ archive: $(STAMP)
 train-export: $(MAR)
 	@echo
 	@echo "Archive: $(MAR)   (evaluation: $(EVAL), plots beside it)"
-	@echo "Serve it with:  make serve NAME=$(NAME)"
+	@echo "Serve it with:  make serve $(if $(filter runs,$(OUT_DIR)),NAME=$(NAME),PRESET=$(PRESET))"
 	@echo
 	@$(PY) -m training.step_times table --file $(TIMINGS) --session $(SESSION) $(PIPELINE_STEPS)
 
@@ -139,9 +179,10 @@ bench-serve: $(MAR)
 	$(PY) -m bench.bench_serve --archive $(MAR) --data-dir data
 
 # --- serving -------------------------------------------------------------------
-# TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on).
+# TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on). PORT=8090:
+# inference on 8090, management and metrics on the next two ports (another server can keep 8080).
 serve: $(STAMP) $(MAR)
-	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth)
+	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar --port $(PORT) $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth)
 
 stop: $(STAMP)
 	$(PY) -m serving.server stop

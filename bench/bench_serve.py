@@ -1,6 +1,6 @@
 """`make bench-serve`: the early-exit server against stock TorchServe, a full-graph server and the in-process limit.
 
-On an MNIST archive (default model_store/mnist.mar from `make train-export`) and the MNIST test set over HTTP
+On an MNIST archive (default model_store/mnist-quick.mar from `make train-export`) and the MNIST test set over HTTP
 (token auth on, loopback):
   (a) early_exit_http   TorchServe + serving/handler.py, staged early exit at the default budget; PNG bodies
   (b) stock_torchserve  what a user runs without this project: TorchServe 0.12 serving the archive's full.onnx
@@ -358,7 +358,7 @@ def settings_description(inp: Inputs) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.bench_serve", description=__doc__.splitlines()[0])
-    p.add_argument("--archive", type=Path, default=REPO / "model_store" / "mnist.mar")
+    p.add_argument("--archive", type=Path, default=REPO / "model_store" / "mnist-quick.mar")
     p.add_argument("--data-dir", type=Path, default=REPO / "data")
     p.add_argument("--limit", type=int, help="use the first N test images (default: all)")
     p.add_argument("--rounds", type=int, default=5,

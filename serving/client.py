@@ -33,6 +33,9 @@ BUDGET_HEADER = "X-Compute-Budget"
 DEFAULT_KEY_FILE = Path(".serve/key_file.json")
 TOKEN_ENV = "EARLY_EXIT_TOKEN"
 DEFAULT_PORTS = {"http": 80, "https": 443}
+# The model `make serve` serves by default: the default preset's run (training.config.DEFAULT_PRESET; this module
+# stays torch-free, so the name is written here and tests/unit/test_doc_examples.py checks that they agree).
+DEFAULT_MODEL = "mnist-quick"
 RETRY_STATUSES = frozenset({503, 507})  # TorchServe: no worker free / the model's worker is (re)starting
 MAX_RETRY_AFTER_S = 30.0
 
@@ -73,7 +76,7 @@ class Client:
     thread its own Client.
     """
 
-    def __init__(self, url: str = "http://127.0.0.1:8080", model: str = "mnist", token: str | None = None,
+    def __init__(self, url: str = "http://127.0.0.1:8080", model: str = DEFAULT_MODEL, token: str | None = None,
                  timeout: float = 30.0, ca_file: str | Path | None = None) -> None:
         parts = urlsplit(url)
         self.scheme = parts.scheme.lower()
@@ -175,7 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("input", type=Path, help="a PNG/JPEG image or a JSON file {\"data\": [...]}")
     p.add_argument("--url", default="http://127.0.0.1:8080",
                    help="http:// (loopback only when a token is sent) or https:// (certificate verified)")
-    p.add_argument("--model", default="mnist")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"the served model: the run's name (default {DEFAULT_MODEL}, what `make serve` serves)")
     p.add_argument("--budget", help="MFLOPs per input (X-Compute-Budget); default: the model's")
     p.add_argument("--token", help=argparse.SUPPRESS)  # gone: refused with a pointer to the variable
     p.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE,

@@ -1,4 +1,11 @@
-"""Training configuration: one pydantic model, YAML presets in `training/configs/`, `key=value` overrides.
+"""Training configuration: one pydantic model, YAML presets, `key=value` overrides.
+
+A preset is a name from `training/configs/` (`mnist-quick`) or the path of a YAML file of your own
+(`/home/me/my-photos.yaml`: anything ending in .yaml/.yml or holding a path separator). The run's `name` is the
+file's `name:` key, else the preset's name (a file's stem: `my-photos`); it names the run folder
+`runs/<name>/` and the served model (`model_store/<name>.mar`, `/predictions/<name>`), so it may hold only
+letters, digits, '-' and '_'. Relative paths inside a preset (data_dir, val_dir, test_dir, out_dir, weights_path)
+are taken from the current directory, never from the preset file's folder: `make` runs from the repository root.
 
 `TrainConfig` is the single place where a key, its type, its default and its allowed values are written.
 Types are strict (a bool is not an int, a float is not an int, a string is not a number; an int is
@@ -27,12 +34,13 @@ reasons next to them (docs/method.md):
 """
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from early_exit.validation import describe_errors
 
@@ -45,6 +53,10 @@ from training.models.heads import HeadKind
 
 PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "mnist-quick"
+PRESET_SUFFIXES = (".yaml", ".yml")
+# A run's name: the folder runs/<name>, the archive <name>.mar and the served model /predictions/<name>
+# (TorchServe model names: letters, digits, '-' and '_').
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class ConfigError(ValueError):
@@ -101,7 +113,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True, validate_default=True)
 
     # what
-    name: str = "run"
+    name: str = "run"  # the run folder runs/<name> and the served model <name> (NAME_PATTERN)
     dataset: DatasetName = _choice(DatasetName.MNIST)
     data_dir: str = "data"
     model: str = "smallcnn"
@@ -204,6 +216,16 @@ class TrainConfig(BaseModel):
     heads_first_iterations: NonNegativeInt = 0
     # --- end torchvision backbones
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_model_name(cls, name: str) -> str:
+        """ValueError (reported as its message) for a name TorchServe or the run folder would not take."""
+        if not NAME_PATTERN.fullmatch(name):
+            raise ValueError(f"name {name!r} may hold only letters, digits, '-' and '_' (starting with a letter or "
+                             "digit): it names the run folder runs/<name> and the served model /predictions/<name>; "
+                             "set name: in the preset")
+        return name
+
     def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
@@ -268,15 +290,51 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return parsed
 
 
-def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> TrainConfig:
-    """Preset YAML, then `key=value` overrides; the result is validated as a whole."""
+def is_preset_file(preset: str) -> bool:
+    """Whether `preset` names a YAML file of the user's own (a path) rather than one of training/configs/."""
+    return preset.endswith(PRESET_SUFFIXES) or "/" in preset or "\\" in preset
+
+
+def preset_path(preset: str) -> Path:
+    """The YAML file of `preset` (a name in training/configs/ or a file path).
+
+    Raises ConfigError (one line) when the file does not exist or a name is not one of the presets.
+    """
+    if is_preset_file(preset):
+        path = Path(preset).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"no preset file {preset}" + (" (it is a folder)" if path.is_dir() else "")
+                              + f"; give a YAML file of config keys or one of: {', '.join(list_presets())}")
+        return path
     path = PRESET_DIR / f"{preset}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
-    values = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}, "
+                          "or the path of your own YAML file")
+    return path
+
+
+def preset_name(preset: str) -> str:
+    """The default run name of `preset`: a preset's name, or a file's stem (`/tmp/my-photos.yaml` -> my-photos)."""
+    return Path(preset).stem if is_preset_file(preset) else preset
+
+
+def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> TrainConfig:
+    """Preset YAML, then `key=value` overrides; the result is validated as a whole.
+
+    `preset` is a name from training/configs/ or the path of a YAML file (see the module docstring); the run's
+    name is the file's `name:` key, else `preset_name(preset)`. Raises ConfigError (one line) for a missing
+    preset, a file that is not a mapping or not YAML, and any invalid key or value.
+    """
+    path = preset_path(preset)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"preset {path} is not YAML: {' '.join(str(exc).split())}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"preset {path} cannot be read: {exc}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"preset {path} must be a mapping of config keys")
-    return validate_config({"name": preset, **values, **parse_overrides(overrides or [])})
+    return validate_config({"name": preset_name(preset), **values, **parse_overrides(overrides or [])})
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -1,6 +1,6 @@
 """Train a multi-exit network: `clean`, `adv` (RDI-Nets adversarial training) or `neokd`.
 
-    python -m training.train [--preset mnist-quick] [--resume] [key=value ...]
+    python -m training.train [--preset mnist-quick | --preset /path/to/my-photos.yaml] [--resume] [key=value ...]
     torchrun --nproc_per_node 2 -m training.train --preset mnist-quick ...   (DDP, gloo on CPU)
 
 Writes runs/<name>/{config.yaml, last.pt (resumable), checkpoint.pt (final), train.json}.
@@ -49,6 +49,7 @@ from tqdm import tqdm
 from training.attacks import Attack, build_attack
 from training.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from training.config import (
+    DEFAULT_PRESET,
     CleanAdvForward,
     ConfigError,
     Device,
@@ -700,7 +701,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="mnist-quick", help=f"one of: {', '.join(list_presets())}")
+    p.add_argument("--preset", default=DEFAULT_PRESET, metavar="PRESET",
+                   help=f"one of {', '.join(list_presets())}, or the path of your own YAML file of config keys "
+                        "(the run's name is its name: key, else the file's stem)")
     p.add_argument("--resume", action="store_true", help="continue from runs/<name>/last.pt if present")
     p.add_argument("overrides", nargs="*", help="config overrides as key=value (values parsed as YAML)")
     return p.parse_intermixed_args(argv)  # options may come before, between or after the overrides

@@ -170,3 +170,128 @@ def test_one_error_formatter_serves_every_pydantic_model():
     with pytest.raises(ExportError) as info:
         ServeConfig.from_values(min_workers=3, max_workers=2)
     assert str(info.value) == "model-config.yaml: max_workers (2) is below min_workers (3)"
+
+
+# ----------------------------------------------------------------------------- presets of the user's own
+def test_a_preset_file_outside_the_repository_loads_with_its_stem_as_the_run_name(tmp_path, monkeypatch):
+    (tmp_path / "my-photos.yaml").write_text("dataset: imagefolder\ndata_dir: photos\ninput_size: 32\n"
+                                             "model: torchvision:resnet18\nexits: [layer1, layer2]\n")
+    monkeypatch.chdir(tmp_path.parent)  # the preset is read from its path, not from training/configs
+    cfg = load_config(str(tmp_path / "my-photos.yaml"), ["iterations=3"])
+    assert (cfg.name, cfg.dataset, cfg.data_dir, cfg.exits, cfg.iterations) == (
+        "my-photos", DatasetName.IMAGEFOLDER, "photos", ["layer1", "layer2"], 3)
+    assert cfg.run_dir == __import__("pathlib").Path("runs") / "my-photos"
+    (tmp_path / "other.yml").write_text("name: holiday_2024\niterations: 7\n")
+    assert load_config(str(tmp_path / "other.yml")).name == "holiday_2024", "name: in the file wins over the stem"
+    assert load_config(str(tmp_path / "other.yml"), ["name=x"]).name == "x", "an override wins over both"
+    monkeypatch.chdir(tmp_path)
+    assert load_config("other.yml").iterations == 7, "a bare file name ending in .yml is a file, not a preset name"
+
+
+def test_relative_paths_in_a_preset_file_stay_relative_to_the_current_directory(tmp_path):
+    """Documented (README, training/config.py): data_dir is not rebased on the preset file's folder."""
+    (tmp_path / "p.yaml").write_text("data_dir: photos\n")
+    assert load_config(str(tmp_path / "p.yaml")).data_dir == "photos"
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no preset file {path}; give a YAML file of config keys or one of: cifar10-paper"),
+    ("- a\n- b\n", "preset {path} must be a mapping of config keys"),
+    ("iterations: [1\n", "preset {path} is not YAML: while parsing"),
+    ("nope: 1\n", "unknown config key 'nope'"),
+])
+def test_a_bad_preset_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "mine.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert message.format(path=path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["my photos", "my.photos", "-x", "ü", "a/b", ""])
+def test_a_run_name_torchserve_would_refuse_is_one_line(tmp_path, name):
+    with pytest.raises(ConfigError, match=r"may hold only letters, digits, '-' and '_'") as info:
+        TrainConfig(name=name)
+    assert "\n" not in str(info.value)
+    if "/" not in name and name:
+        (tmp_path / f"{name}.yaml").write_text("iterations: 5\n")
+        with pytest.raises(ConfigError, match=r"name '.*' may hold only"):
+            load_config(str(tmp_path / f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("name", ["mnist-quick", "cifar10-jpeg-quick", "my_photos", "007", "A"])
+def test_names_torchserve_accepts_are_kept(name):
+    assert TrainConfig(name=name).name == name
+
+
+def test_train_cli_refuses_a_missing_preset_file_with_one_line_and_status_2(tmp_path, capsys):
+    from training.train import main
+
+    missing = tmp_path / "my-photos.yaml"
+    assert main(["--preset", str(missing), "iterations=1"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: no preset file {missing}; give a YAML file of config keys or one of: " \
+                  f"{', '.join(list_presets())}\n"
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- the Makefile's names for a preset
+def _make_n(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    from pathlib import Path
+
+    return subprocess.run(["make", "-n", *args], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_make_names_the_run_and_the_archive_after_the_preset(tmp_path):
+    for preset in ("mnist-quick", "mnist-paper"):  # both once made model_store/mnist.mar
+        proc = _make_n("train-export", f"PRESET={preset}")
+        assert proc.returncode == 0, proc.stderr
+        assert f"--preset {preset} name={preset} out_dir=runs" in proc.stdout
+        assert f"--name {preset} --out-dir artifacts/export/{preset}" in proc.stdout
+        assert f"runs/{preset}/checkpoint.pt" in proc.stdout and f"model_store/{preset}.mar" in proc.stdout
+    own = tmp_path / "my-photos.yaml"
+    own.write_text(f"dataset: imagefolder\ndata_dir: {tmp_path}/photos   # a comment\ninput_size: 32\n")
+    proc = _make_n("train-export", f"PRESET={own}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--preset {own} name=my-photos out_dir=runs" in proc.stdout
+    assert "--name my-photos" in proc.stdout and "model_store/my-photos.mar" in proc.stdout
+    assert "training.data" not in proc.stdout, "your own folder: nothing to download"
+    own.write_text("name: 'holiday_2024'  # quoted\nout_dir: elsewhere\ndataset: imagefolder\n"
+                   "data_dir: data/cifar10-jpeg/train\n")
+    proc = _make_n("train-export", f"PRESET={own}")
+    assert proc.returncode == 0, proc.stderr
+    assert "name=holiday_2024 out_dir=elsewhere" in proc.stdout and "elsewhere/holiday_2024/checkpoint.pt" in proc.stdout
+    assert "model_store/holiday_2024.mar" in proc.stdout
+    assert "training.data --root data cifar10-jpeg" in proc.stdout, "the shared archive the folder unpacks from"
+
+
+def test_make_serve_with_a_name_alone_finds_the_preset_of_that_name():
+    proc = _make_n("serve", "NAME=fashion-quick")
+    assert proc.returncode == 0, proc.stderr
+    assert "--preset fashion-quick name=fashion-quick" in proc.stdout and "--models fashion-quick.mar" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train-export", "PRESET={tmp}/none.yaml"], "no preset file {tmp}/none.yaml: PRESET is one of "),
+    (["train-export", "PRESET=nope"], "no preset file training/configs/nope.yaml"),
+    (["serve", "NAME=no-such-run-here"], "no run runs/no-such-run-here and no preset "
+                                          "training/configs/no-such-run-here.yaml: make train-export PRESET="),
+    (["train-export", "NAME=a.b"], "NAME 'a.b' may hold only letters, digits, '-' and '_'"),
+    (["serve", "PRESET=mnist-quick", "NAME=a b"], "NAME 'a b' may hold only letters, digits, '-' and '_'"),
+    (["train-export", "PRESET={tmp}/my photos.yaml"], "NAME 'my photos' may hold only"),
+])
+def test_make_refuses_a_missing_preset_or_a_bad_name_with_one_line(tmp_path, args, message):
+    proc = _make_n(*[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert message.format(tmp=tmp_path) in line, line
+
+
+def test_make_refuses_a_preset_whose_name_torchserve_would_refuse(tmp_path):
+    (tmp_path / "my.photos.yaml").write_text("iterations: 3\n")
+    proc = _make_n("train-export", f"PRESET={tmp_path}/my.photos.yaml")
+    assert proc.returncode == 2 and "NAME 'my.photos' may hold only" in proc.stderr
+    assert _make_n("help", "PRESET=/nowhere.yaml").returncode == 0, "goals that read no run ignore PRESET"

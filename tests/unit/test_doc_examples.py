@@ -13,11 +13,15 @@ each command goes to the checker of its program:
   kubectl                  the kustomization and the files the example names exist and parse
   prometheus / promtool    the flags are in `prometheus --help`; promtool's checks run for real
   mkdir, cp, sed           the repository files they read exist (and sed's pattern occurs in its file)
+  cat > /tmp/F <<'EOF'     a here-document writes a file of the user's own, outside the repository; a preset
+                           (F ends in .yaml) loads with training.config.load_config under its own file name
   NAME=$(cmd), export NAME=value
                            cmd is checked as above; an exported variable is one the project reads
 
 A command no checker knows fails the test: give the new example a checker here.
-tests/integration/test_doc_examples_live.py sends the curl and client examples to a real TorchServe.
+tests/integration/test_doc_examples_live.py sends the curl and client examples to a real TorchServe, and runs
+the sections of LIVE_SECTIONS as written, one bash script each (their `make` commands need the files the
+section's earlier commands write and a trained run, so they are run there instead of dry-run here).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,6 +43,9 @@ from tests.promtools import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# README sections whose ```bash blocks tests/integration/test_doc_examples_live.py runs from start to end.
+LIVE_SECTIONS = {"Your own network and photos"}
+HEREDOC = re.compile(r"<<-?\s*(['\"]?)(\w+)\1\s*$")
 CONTAINER_HOME = "/home/model-server/"  # the image's WORKDIR: docker/entrypoint.sh is copied below it
 BODY_FLAGS = {"-d", "--data", "--data-binary", "--data-raw", "--data-urlencode", "-T", "--upload-file", "-F",
               "--form"}
@@ -50,11 +58,23 @@ SERVER_PATHS = {  # TorchServe's APIs, by the port serving/config.properties giv
 
 @dataclass(frozen=True)
 class Example:
-    """One command of a ```bash block: where it is and its text (no comment, continuations joined)."""
+    """One command of a ```bash block: where it is, its text (no comment, continuations joined), the `## `
+    section it is in, and for a here-document (`cat > F <<'EOF'`) the lines up to its terminator."""
 
     path: Path
     line: int
     text: str
+    section: str = ""
+    heredoc: str | None = None
+
+    @property
+    def script(self) -> str:
+        """The command as bash reads it (a here-document with its lines and terminator)."""
+        if self.heredoc is None:
+            return self.text
+        match = HEREDOC.search(self.text)
+        assert match, self.text
+        return f"{self.text}\n{self.heredoc}{match.group(2)}"
 
     @property
     def where(self) -> str:
@@ -91,19 +111,35 @@ def _split_outside_quotes(text: str) -> list[str]:
 def bash_examples(paths: list[Path] = DOCS) -> list[Example]:
     examples = []
     for path in paths:
-        in_block, pending, start = False, "", 0
+        in_block, pending, start, section = False, "", 0, ""
+        heredoc: tuple[Example, str, list[str]] | None = None  # (the command, its terminator, lines so far)
         for number, line in enumerate(path.read_text().splitlines(), 1):
+            if heredoc is not None:
+                command, end, lines = heredoc
+                if line.strip() == end:
+                    examples.append(Example(path, command.line, command.text, section, "".join(lines)))
+                    heredoc = None
+                else:
+                    lines.append(line + "\n")
+                continue
             if line.strip().startswith("```"):
                 in_block = line.strip() == "```bash" and not in_block
                 continue
             if not in_block:
+                if line.startswith("## "):
+                    section = line[3:].strip()
                 continue
             start = start or number
             if line.rstrip().endswith("\\"):
                 pending += line.rstrip()[:-1] + " "
                 continue
-            examples += [Example(path, start, part) for part in _split_outside_quotes(pending + line)]
+            parts = [Example(path, start, part, section) for part in _split_outside_quotes(pending + line)]
+            match = HEREDOC.search(parts[-1].text) if parts else None
+            if match:
+                heredoc = (parts.pop(), match.group(2), [])
+            examples += parts
             pending, start = "", 0
+        assert heredoc is None, f"{path.name}:{heredoc[0].line}: here-document without its terminator"
     return examples
 
 
@@ -315,6 +351,22 @@ def check_sed(ex: Example, argv: list[str]) -> None:
                 f"{ex.where}: sed's pattern {script.split('/')[1]!r} no longer occurs in {path.name}"
 
 
+def check_cat(ex: Example, argv: list[str]) -> None:
+    """`cat > /tmp/F <<'EOF'`: the user's own file, outside the repository; a preset loads under F's name."""
+    from training.config import load_config
+
+    words = shlex.split(ex.text)
+    assert ex.heredoc is not None and words[1] == ">", f"{ex.where}: only `cat > FILE <<'EOF'` is checked"
+    target = Path(words[2])
+    assert target.is_absolute() and not target.is_relative_to(REPO), f"{ex.where}: {target} is not outside the repo"
+    if target.suffix == ".yaml":
+        with tempfile.TemporaryDirectory() as folder:
+            preset = Path(folder) / target.name
+            preset.write_text(ex.heredoc)
+            cfg = load_config(str(preset))
+        assert cfg.name == target.stem, f"{ex.where}: the run is named {cfg.name}, not after {target.name}"
+
+
 def check_export(ex: Example, argv: list[str]) -> None:
     name = argv[1].split("=", 1)[0]
     readers = [REPO / "docker-compose.yml", REPO / "Makefile"]
@@ -326,6 +378,7 @@ CHECKERS: dict[str, Callable[[Example, list[str]], None]] = {
     "make": check_make, "python": check_python, ".venv/bin/python": check_python, "torchrun": check_torchrun,
     "curl": check_curl, "docker": check_docker, "kubectl": check_kubectl, "prometheus": check_prometheus,
     "promtool": check_promtool, "mkdir": check_mkdir, "cp": check_cp, "sed": check_sed, "export": check_export,
+    "cat": check_cat,
 }
 
 
@@ -335,6 +388,8 @@ def check(ex: Example) -> None:
         check(Example(ex.path, ex.line, assignment.group(2)))
         return
     argv = ex.argv
+    if ex.section in LIVE_SECTIONS and argv[0] == "make":
+        return  # run for real, after the section's earlier commands, by tests/integration/test_doc_examples_live.py
     checker = CHECKERS.get(argv[0])
     if checker is None:
         pytest.fail(f"{ex.where}: no check for `{argv[0]}` ({ex.text}): add one to {Path(__file__).name}",
@@ -380,3 +435,52 @@ def test_curl_check_catches_what_real_clients_trip_over(command: str, complaint:
 def test_an_unknown_command_fails() -> None:
     with pytest.raises(pytest.fail.Exception, match="no check for `wget`"):
         check(Example(REPO / "README.md", 1, "wget http://example.org"))
+
+
+def test_extraction_keeps_a_here_document_whole_and_names_the_section(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("## First\n```bash\nmake a\n```\n## Second one\n\n```bash\ncat > /tmp/p.yaml <<'EOF'\n"
+                   "iterations: 3   # a comment stays\nEOF\nmake b PRESET=/tmp/p.yaml\n```\n")
+    examples = bash_examples([doc])
+    assert [(e.line, e.section, e.text, e.heredoc) for e in examples] == [
+        (3, "First", "make a", None),
+        (8, "Second one", "cat > /tmp/p.yaml <<'EOF'", "iterations: 3   # a comment stays\n"),
+        (11, "Second one", "make b PRESET=/tmp/p.yaml", None)]
+    assert examples[1].script == "cat > /tmp/p.yaml <<'EOF'\niterations: 3   # a comment stays\nEOF"
+    doc.write_text("```bash\ncat > /tmp/p.yaml <<EOF\niterations: 3\n```\n")
+    with pytest.raises(AssertionError, match="here-document without its terminator"):
+        bash_examples([doc])
+
+
+@pytest.mark.parametrize("text, body, complaint", [
+    ("cat > /tmp/my-photos.yaml <<'EOF'", "iterations: 3\nno_such_key: 1\n", "unknown config key 'no_such_key'"),
+    ("cat > /tmp/my photos.yaml <<'EOF'", "iterations: 3\n", "may hold only letters"),
+    (f"cat > {REPO}/mine.yaml <<'EOF'", "iterations: 3\n", "is not outside the repo"),
+    ("cat > /tmp/p.yaml <<'EOF'", "name: other\n", "the run is named other, not after p.yaml"),
+])
+def test_the_here_document_check_loads_the_preset_it_writes(text: str, body: str, complaint: str) -> None:
+    from training.config import ConfigError
+
+    with pytest.raises((AssertionError, ConfigError), match=complaint):
+        check(Example(REPO / "README.md", 1, text.replace("my photos", "'my photos'"), "", body))
+
+
+def test_the_readme_s_own_preset_section_is_run_live_and_writes_its_preset_outside_the_repository() -> None:
+    section = [e for e in EXAMPLES if e.section in LIVE_SECTIONS]
+    assert {e.section for e in section} == LIVE_SECTIONS
+    programs = [e.argv[0] for e in section]
+    assert programs.count("make") >= 3 and "curl" in programs and "cat" in programs
+    (preset,) = [e for e in section if e.heredoc is not None]
+    assert any(f"PRESET={shlex.split(preset.text)[2]}" in e.text for e in section), "make is given that preset"
+
+
+def test_the_default_preset_names_the_default_archive_and_the_client_s_model() -> None:
+    """make serve serves model_store/<default preset>.mar; the client's default model is that name."""
+    from serving.client import DEFAULT_MODEL
+    from training.config import DEFAULT_PRESET
+
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(rf"^PRESET \?= {re.escape(DEFAULT_PRESET)}$", makefile, re.M)
+    assert DEFAULT_MODEL == DEFAULT_PRESET
+    proc = _run(["make", "-n", "serve"])
+    assert proc.returncode == 0 and f"--models {DEFAULT_PRESET}.mar" in proc.stdout, proc.stderr
