@@ -159,12 +159,9 @@ test-integration: $(STAMP)
 	$(PY) -m pytest tests/integration -q
 
 # --- benchmarks ----------------------------------------------------------------
-# The preset's data: its `dataset:`, or for an image folder (`dataset: imagefolder`) the shared archive its data_dir
-# unpacks from, named by the folder under data/ (data_dir: data/cifar10-jpeg/train -> cifar10-jpeg).
-BENCH_DATA = $(if $(filter imagefolder,$(DATASET)),$(word 2,$(subst /, ,$(shell sed -n 's/^data_dir: *//p' \
-	training/configs/$(PRESET).yaml))),$(DATASET))
+# The preset's data is prepared as for training (PRESET_DATA).
 bench-train: $(STAMP)
-	$(PY) -m training.data --root data $(BENCH_DATA)
+	$(if $(PRESET_DATA),$(PY) -m training.data --root data $(PRESET_DATA))
 	$(PY) -m bench.bench_train --preset $(PRESET)
 
 # Where compute dominates: the CIFAR multi-exit ResNet (random weights) served per forced exit vs the full graph.
