@@ -195,7 +195,7 @@ def test_relative_paths_in_a_preset_file_stay_relative_to_the_current_directory(
 
 
 @pytest.mark.parametrize("text, message", [
-    (None, "no preset file {path}; give a YAML file of config keys or one of: cifar10-paper"),
+    (None, "no preset file {path}; give a YAML file of config keys or one of: cifar10-jpeg-quick, cifar10-paper"),
     ("- a\n- b\n", "preset {path} must be a mapping of config keys"),
     ("iterations: [1\n", "preset {path} is not YAML: while parsing"),
     ("nope: 1\n", "unknown config key 'nope'"),
@@ -259,8 +259,9 @@ def test_make_names_the_run_and_the_archive_after_the_preset(tmp_path):
     assert f"--preset {own} name=my-photos out_dir=runs" in proc.stdout
     assert "--name my-photos" in proc.stdout and "model_store/my-photos.mar" in proc.stdout
     assert "training.data" not in proc.stdout, "your own folder: nothing to download"
+    # A folder under data/ that is not there yet is unpacked from the shared archive of that name.
     own.write_text("name: 'holiday_2024'  # quoted\nout_dir: elsewhere\ndataset: imagefolder\n"
-                   "data_dir: data/cifar10-jpeg/train\n")
+                   "data_dir: data/cifar10-jpeg/not-unpacked-yet\n")
     proc = _make_n("train-export", f"PRESET={own}")
     assert proc.returncode == 0, proc.stderr
     assert "name=holiday_2024 out_dir=elsewhere" in proc.stdout and "elsewhere/holiday_2024/checkpoint.pt" in proc.stdout
