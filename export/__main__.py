@@ -1,6 +1,9 @@
 """`python -m export`: checkpoint -> checked ONNX stage graphs + manifest -> model_store/<name>.mar.
 
-Prints the archive path on stdout. A user error (missing or foreign checkpoint, uncalibrated model,
+Prints the archive path on stdout, and on stderr the line that pins its sha256 in the deployment's configuration
+(`EE_MODEL_SHA256=<name>.mar=<sha256>`: compose environment, Kubernetes ConfigMap; serving/server.py refuses an
+archive that does not match; the digest is also written to `<name>.mar.sha256` beside the archive, a record
+that is not the pin). A user error (missing or foreign checkpoint, uncalibrated model,
 existing output without --force, bad option) is one line on stderr and exit code 2; a failed
 export check (checker, parity, robustness) is one line and exit code 1.
 """
@@ -77,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from export.parity import AttackParams, default_attack_params
     from export.pipeline import export_checkpoint, read_checkpoint
     from early_exit.manifest import ManifestError
+    from serving.server import pin_line
     from training.checkpoint import CheckpointError
 
     try:
@@ -114,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     print(path)
+    # Printed even with --quiet: the line the operator pastes into the deployment (the pin the server checks).
+    print(pin_line([path]), file=sys.stderr)
     return 0
 
 
