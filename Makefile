@@ -122,8 +122,10 @@ bench-serve: $(MAR)
 
 # --- serving -------------------------------------------------------------------
 # TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on).
+# The archive's sha256 is pinned to the one just built (a deployment pins it in its configuration instead).
 serve: $(STAMP) $(MAR)
-	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth)
+	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth) \
+		--model-sha256 "$$($(PY) -m serving.server pin $(MAR) | cut -d= -f2-)"
 
 stop: $(STAMP)
 	$(PY) -m serving.server stop
