@@ -367,9 +367,14 @@ def render_config(template: Path, out: Path, values: Mapping[str, str]) -> Path:
 
 
 def _env(state_dir: Path) -> dict[str, str]:
-    """TorchServe's environment: this process's, less every TS_* variable (TorchServe's configuration overrides),
-    with the state folder's paths and this Python's bin first on PATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_")}
+    """TorchServe's environment: this process's, less every TS_* variable (TorchServe's configuration overrides)
+    and PYTHONPATH, with the state folder's paths and this Python's bin first on PATH.
+
+    PYTHONPATH is the launcher's own (the entrypoint puts the image's folder there, which holds only the launcher's
+    part of `serving`); passed on, it would come before the archive's folder on the worker's path and shadow the
+    `serving` and `early_exit` packages riding inside the archive (seen: the image's worker failed to import
+    serving.audit)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "PYTHONPATH"}
     # TMPDIR: torchserve's PID file; TEMP: java.io.tmpdir, where the frontend unpacks archives.
     env.update(TMPDIR=str(state_dir / "tmp"), TEMP=str(state_dir / "tmp"), LOG_LOCATION=str(state_dir / "logs"),
                METRICS_LOCATION=str(state_dir / "logs"))

@@ -169,8 +169,10 @@ def test_rendered_config_allows_only_store_archives_and_an_empty_read_only_workf
     assert "must not be writable" in server.workflow_store_problems(workflows)[0]
 
 
-def test_torchserve_gets_no_ts_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_torchserve_gets_no_ts_variables_nor_the_launchers_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TS_DISABLE_TOKEN_AUTHORIZATION", "true")
     monkeypatch.setenv("TS_ALLOWED_URLS", ".*")
+    monkeypatch.setenv("PYTHONPATH", "/home/model-server")  # would shadow the archive's own packages
     env = server._env(tmp_path)
     assert not [k for k in env if k.startswith("TS_")] and env["TMPDIR"] == str(tmp_path / "tmp")
+    assert "PYTHONPATH" not in env
