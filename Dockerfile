@@ -64,7 +64,10 @@ RUN set -eux; \
     python -c "import onnxruntime, torch, ts; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"; \
     rm /tmp/requirements.txt
 
-RUN useradd --create-home --home-dir /home/model-server --uid 10001 --user-group --shell /usr/sbin/nologin model-server
+# workflow-store: TorchServe's workflow store, empty and root-owned without write permission, so no workflow
+# archive can be found or downloaded there (serving.server checks it).
+RUN useradd --create-home --home-dir /home/model-server --uid 10001 --user-group --shell /usr/sbin/nologin model-server \
+ && install -d -o root -g root -m 0555 /home/model-server/workflow-store
 WORKDIR /home/model-server
 
 # Configuration, the launcher (serving.server, which checks the handler's metric specs in serving.metrics)
@@ -77,9 +80,12 @@ COPY model_store/ model-store/
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without the image's /etc/passwd.
 USER 10001:10001
-# serving.server reads these (and the other EE_* settings docker/entrypoint.sh lists).
+# serving.server reads these (and the other EE_* settings docker/entrypoint.sh lists). EE_MODEL_SHA256 (each
+# archive's pinned sha256) has no default here: it belongs to the deployment (compose environment, a ConfigMap),
+# and `serve` refuses to start without it.
 ENV EE_HOME=/home/model-server \
-    EE_MODEL_STORE=/home/model-server/model-store
+    EE_MODEL_STORE=/home/model-server/model-store \
+    EE_WORKFLOW_STORE=/home/model-server/workflow-store
 
 # 8080 inference, 8082 Prometheus metrics. Not 8081 (management) nor 7070/7071 (gRPC): loopback only.
 EXPOSE 8080 8082

@@ -178,8 +178,10 @@ bench-serve: $(MAR)
 # --- serving -------------------------------------------------------------------
 # TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on). PORT=8090:
 # inference on 8090, management and metrics on the next two ports (another server can keep 8080).
+# The archive's sha256 is pinned to the one just built (a deployment pins it in its configuration instead).
 serve: $(STAMP) $(MAR)
-	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar --port $(PORT) $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth)
+	$(PY) -m serving.server start --model-store model_store --models $(NAME).mar --port $(PORT) $(if $(filter off,$(TOKEN_AUTH)),--no-token-auth) \
+		--model-sha256 "$$($(PY) -m serving.server pin $(MAR) | cut -d= -f2-)"
 
 stop: $(STAMP)
 	$(PY) -m serving.server stop
@@ -201,4 +203,4 @@ audit:
 	"$$tmp/venv/bin/pip-audit" --strict --no-deps --disable-pip --desc off -r "$$tmp/resolved.txt"
 
 clean:
-	rm -rf runs artifacts model_store/*.mar .serve logs
+	rm -rf runs artifacts model_store/*.mar model_store/*.mar.sha256 .serve logs

@@ -1,7 +1,10 @@
 """`python -m export`: checkpoint + calibration.json + eval/eval.json -> checked ONNX stage graphs + manifest
 -> model_store/<name>.mar.
 
-Prints the archive path on stdout. A user error (missing or foreign checkpoint, calibration or evaluation,
+Prints the archive path on stdout, and on stderr the line that pins its sha256 in the deployment's configuration
+(`EE_MODEL_SHA256=<name>.mar=<sha256>`: compose environment, Kubernetes ConfigMap; serving/server.py refuses an
+archive that does not match; the digest is also written to `<name>.mar.sha256` beside the archive, a record
+that is not the pin). A user error (missing or foreign checkpoint, calibration or evaluation,
 existing output without --force, bad option) is one line on stderr and exit code 2; a failed
 export check (checker, parity, robustness) is one line and exit code 1.
 """
@@ -82,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from early_exit.manifest import ManifestError
     from export.parity import AttackParams
     from export.pipeline import export_checkpoint, read_checkpoint
+    from serving.server import pin_line
     from training.calibrate import CalibrationError
     from training.checkpoint import CheckpointError
     from training.config import ConfigError
@@ -121,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     print(path)
+    # Printed even with --quiet: the line the operator pastes into the deployment (the pin the server checks).
+    print(pin_line([path]), file=sys.stderr)
     return 0
 
 

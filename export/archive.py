@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 import early_exit
 import serving
-from early_exit.manifest import MANIFEST_NAME, Manifest, load_manifest, verify_files
+from early_exit.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file, verify_files
 from early_exit.validation import describe_errors
 from export.errors import ExportError
 from serving.options import HandlerOptions, OptionsError
@@ -216,11 +216,28 @@ def build_archive(
             raise ExportError(f"torch-model-archiver failed (exit {proc.returncode}): {lines[-1] if lines else ''}")
         built = out / f"{name}.mar"
         verify_archive(built, handler=handler_path.name)
+        digest = sha256_file(built)
         os.replace(built, target)
     finally:
         shutil.rmtree(staging)
-    log.info("wrote %s", target)
+    write_digest(target, digest)
+    log.info("wrote %s (sha256 %s)", target, digest)
     return target
+
+
+def digest_path(mar_path: str | Path) -> Path:
+    """Where build_archive records an archive's sha256: `<name>.mar.sha256` beside it (`sha256sum -c` format).
+
+    A record for copying the archive around, NOT the pin a server trusts: it sits beside the archive and could be
+    replaced with it. The pin lives in the deployment's configuration (EE_MODEL_SHA256, serving/server.py)."""
+    return Path(f"{mar_path}.sha256")
+
+
+def write_digest(mar_path: str | Path, digest: str) -> Path:
+    """Write `digest` (sha256 hex of the archive) to digest_path(mar_path); returns that path. OSError on failure."""
+    path = digest_path(mar_path)
+    path.write_text(f"{digest}  {Path(mar_path).name}\n")
+    return path
 
 
 def read_mar_manifest(mar_path: str | Path) -> dict[str, Any]:

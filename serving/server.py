@@ -3,6 +3,7 @@ container's entrypoint (docker/entrypoint.sh) all run these subcommands.
 
     python -m serving.server start [--model-store DIR] [--models all|NAME.mar ...] [--bind ADDR] [--foreground]
     python -m serving.server check         render the config, check it, print it (exit 2 with one line a problem)
+    python -m serving.server pin FILE.mar ...   print the EE_MODEL_SHA256 line that pins these archives
     python -m serving.server healthcheck   exit 0 when every registered model has a READY worker, else 1
     python -m serving.server stop
     python -m serving.server key [--kind inference|management|API]
@@ -13,8 +14,16 @@ written to the directory torchserve starts in). Two servers on one machine there
 folder, ports and initial_worker_port, which `start_server` takes as arguments (the tests use this).
 
 Options default to the container's environment variables where one exists (EE_HOME, EE_MODEL_STORE, EE_MODELS,
-EE_BASE_CONFIG, EE_METRICS_CONFIG, EE_LOG_CONFIG, EE_MANAGEMENT_PORT, EE_TOKEN_AUTH), so the entrypoint passes
-no paths of its own.
+EE_BASE_CONFIG, EE_METRICS_CONFIG, EE_LOG_CONFIG, EE_MANAGEMENT_PORT, EE_TOKEN_AUTH, EE_MODEL_SHA256,
+EE_WORKFLOW_STORE), so the entrypoint passes no paths of its own.
+
+Only local, pinned archives are served. `start` and `check` hash every archive to be served and refuse one whose
+sha256 is not the one pinned in EE_MODEL_SHA256 ("mnist.mar=<hex>,other.mar=<hex>", the deployment's
+configuration: compose environment, a Kubernetes ConfigMap; `python -m export` prints the line), and refuse to
+start without a pin unless EE_MODEL_SHA256=unpinned (local work). The rendered config restricts registration to
+archive files in the model store (allowed_urls), points the workflow store at an empty folder without write
+permission, and sets enable_envvars_config=false so TS_* environment variables cannot override it; TS_* variables
+are also removed from TorchServe's environment.
 
 `/ping` says Healthy before any worker is up, so readiness is a worker whose status is READY in
 `GET :8081/models/<name>` (with the management key).
@@ -22,6 +31,7 @@ no paths of its own.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +63,10 @@ PID_FILE = ".model_server.pid"  # torchserve's name, inside $TMPDIR
 CONFIG_FILE = "config.properties"  # the rendered config, in the state folder
 LOOPBACK = "127.0.0.1"
 EXIT_CHECK_FAILED = 2  # `check` (and `start`) when the configuration is refused
+PIN_ENV = "EE_MODEL_SHA256"  # the archives' pinned digests: "NAME.mar=<sha256 hex>,..." or UNPINNED
+UNPINNED = "unpinned"  # explicit opt-out for local work: archives are served without a digest check
+WORKFLOW_STORE = "workflow-store"  # default empty, read-only workflow store, inside the state folder
+_PIN = re.compile(r"^([^=,/\\\s]+\.mar)=([0-9a-f]{64})$")
 
 
 class KeyKind(str, Enum):
@@ -81,6 +95,109 @@ class TokenAuth(str, Enum):
 
 class ServerError(RuntimeError):
     """TorchServe did not start, did not become ready, or is not running."""
+
+
+def parse_pins(text: str) -> dict[str, str] | None:
+    """EE_MODEL_SHA256's value -> {archive file name: sha256 hex}; None for the explicit opt-out `unpinned`.
+
+    Entries are `NAME.mar=<64 lowercase hex digits>` separated by commas (spaces around them are ignored).
+    Raises ServerError (one line) when the value is empty, an entry is malformed or names an archive twice."""
+    text = text.strip()
+    if text == UNPINNED:
+        return None
+    if not text:
+        raise ServerError(f"{PIN_ENV} is not set: pin each archive's sha256 in the deployment's configuration, "
+                          f'e.g. {PIN_ENV}="mnist.mar=<sha256>" (python -m export and `python -m serving.server pin '
+                          f"FILE.mar` print the line), or set {PIN_ENV}={UNPINNED} for local work only")
+    pins: dict[str, str] = {}
+    for entry in (e.strip() for e in text.split(",")):
+        match = _PIN.match(entry)
+        if not match:
+            raise ServerError(f"{PIN_ENV}: expected NAME.mar=<64 hex digits>[,...] or {UNPINNED}, got {entry!r}")
+        if match.group(1) in pins:
+            raise ServerError(f"{PIN_ENV} pins {match.group(1)} twice")
+        pins[match.group(1)] = match.group(2)
+    return pins
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in `chunk`-byte blocks; OSError when it cannot be read."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def pin_line(archives: Sequence[Path]) -> str:
+    """The `EE_MODEL_SHA256=...` line that pins these archives (by file name), for an operator to paste."""
+    return f"{PIN_ENV}=" + ",".join(f"{Path(a).name}={sha256_of(Path(a))}" for a in archives)
+
+
+def served_archives(model_store: Path, models: Sequence[str]) -> list[str]:
+    """The archive file names a launch serves: every .mar in the store for "all", else each entry's FILE."""
+    if [m.lower() for m in models] == ["all"]:
+        return sorted(p.name for p in Path(model_store).glob("*.mar"))
+    return [m.split("=", 1)[-1].strip() for m in models]
+
+
+def archive_pin_problems(model_store: Path, models: Sequence[str], pins_text: str) -> list[str]:
+    """How the archives to be served disagree with EE_MODEL_SHA256's pins ([] = every one matches, or the value
+    is `unpinned`): no or a malformed value, a served archive without a pin or with another sha256, a pinned
+    archive missing from the store. One line each."""
+    try:
+        pins = parse_pins(pins_text)
+    except ServerError as exc:
+        return [str(exc)]
+    if pins is None:
+        return []
+    problems = []
+    served = served_archives(model_store, models)
+    for name in served:
+        path = Path(model_store) / name
+        if not path.is_file():
+            continue  # reported by the model store check
+        if name not in pins:
+            problems.append(f"{path} is served but {PIN_ENV} pins no sha256 for {name}")
+            continue
+        try:
+            actual = sha256_of(path)
+        except OSError as exc:
+            problems.append(f"cannot read {path} ({exc})")
+            continue
+        if actual != pins[name]:
+            problems.append(f"{path} has sha256 {actual}, not the pinned {pins[name]} ({PIN_ENV}): "
+                            f"refusing to serve a replaced archive")
+    problems += [f"{PIN_ENV} pins {name}, which is not in {model_store}"
+                 for name in pins if name not in served and not (Path(model_store) / name).is_file()]
+    return problems
+
+
+def allowed_urls(model_store: Path) -> str:
+    """allowed_urls for config.properties: only `file://` URLs of archives directly inside the store.
+
+    TorchServe matches each registration URL against these regexes (Java, case-insensitive, whole URL); http(s)
+    and file URLs elsewhere are refused ("does not match any allowed URL(s)"), a plain file name still names an
+    archive in the store. Every character of the path but letters, digits, `/` and `_` is escaped, and each
+    backslash doubled for the properties file."""
+    quoted = "".join(c if c.isascii() and (c.isalnum() or c in "/_") else "\\\\" + c
+                     for c in str(Path(model_store).resolve()))
+    return f"file://{quoted}/[^/]+\\\\.mar"
+
+
+def workflow_store_problems(folder: Path) -> list[str]:
+    """[] when `folder` is an empty directory without write permission bits, else one line why not."""
+    try:
+        entries = list(Path(folder).iterdir())
+        mode = Path(folder).stat().st_mode
+    except OSError as exc:
+        return [f"workflow store {folder} is not a readable directory ({exc})"]
+    problems = []
+    if entries:
+        problems.append(f"workflow store {folder} must be empty, holds {sorted(e.name for e in entries)[:3]}")
+    if mode & 0o222:
+        problems.append(f"workflow store {folder} must not be writable (mode {mode & 0o777:o}; chmod a-w)")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -250,7 +367,14 @@ def render_config(template: Path, out: Path, values: Mapping[str, str]) -> Path:
 
 
 def _env(state_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    """TorchServe's environment: this process's, less every TS_* variable (TorchServe's configuration overrides)
+    and PYTHONPATH, with the state folder's paths and this Python's bin first on PATH.
+
+    PYTHONPATH is the launcher's own (the entrypoint puts the image's folder there, which holds only the launcher's
+    part of `serving`); passed on, it would come before the archive's folder on the worker's path and shadow the
+    `serving` and `early_exit` packages riding inside the archive (seen: the image's worker failed to import
+    serving.audit)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TS_") and k != "PYTHONPATH"}
     # TMPDIR: torchserve's PID file; TEMP: java.io.tmpdir, where the frontend unpacks archives.
     env.update(TMPDIR=str(state_dir / "tmp"), TEMP=str(state_dir / "tmp"), LOG_LOCATION=str(state_dir / "logs"),
                METRICS_LOCATION=str(state_dir / "logs"))
@@ -278,10 +402,18 @@ class Launch:
     metrics_config: Path = SERVING / "metrics.yaml"
     log_config: Path = SERVING / "log4j2.xml"
     extra_config: Mapping[str, str] = field(default_factory=dict)  # further keys, set last (tests, benchmarks)
+    # EE_MODEL_SHA256's value. The Python API (tests, benchmarks serving archives they just built) defaults to the
+    # opt-out; the CLI, and so the container, defaults to $EE_MODEL_SHA256 and refuses to start without it.
+    model_sha256: str = UNPINNED
+    workflow_store: Path | None = None  # None: WORKFLOW_STORE in the state folder, created empty and read-only
 
     @property
     def config_path(self) -> Path:
         return Path(self.state_dir).resolve() / CONFIG_FILE
+
+    @property
+    def workflow_store_path(self) -> Path:
+        return Path(self.workflow_store or Path(self.state_dir) / WORKFLOW_STORE).resolve()
 
     def config_values(self) -> dict[str, str]:
         """The keys the launch sets over the template: addresses, ports, paths, models and token mode."""
@@ -297,14 +429,24 @@ class Launch:
             "initial_worker_port": str(ports.worker),
             "model_store": str(Path(self.model_store).resolve()),
             "metrics_config": str(Path(self.metrics_config).resolve()),
-            "load_models": ",".join(_load_entries(self.models)),
+            # "all" is expanded to the archives there now: those are what the pins were checked against.
+            "load_models": ",".join(_load_entries(self.model_store, self.models)),
             "disable_token_authorization": "false" if self.token_auth else "true",
+            "allowed_urls": allowed_urls(Path(self.model_store)),
+            "workflow_store": str(self.workflow_store_path),
+            "enable_envvars_config": "false",
             **self.extra_config,
         }
 
     def render(self) -> Path:
-        """Write the state folder's config.properties (the folder is created); returns its path."""
+        """Write the state folder's config.properties (the folder is created) and create the workflow store, empty
+        and read-only (mode 0555), when it does not exist; returns the config's path. OSError when either cannot
+        be written."""
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        workflows = self.workflow_store_path
+        if not workflows.exists():
+            workflows.mkdir(parents=True)
+            workflows.chmod(0o555)
         return render_config(Path(self.config_template), self.config_path, self.config_values())
 
 
@@ -320,16 +462,19 @@ def start_server(
     token_auth: bool = True,
     bind: str = LOOPBACK,
     extra_config: dict[str, str] | None = None,
+    model_sha256: str = UNPINNED,
     ready_timeout: float = 180.0,
 ) -> Server:
     """Start TorchServe in the background and return once every model has a READY worker.
 
-    `models`: "all" (every archive in the store) or archive file names / NAME=FILE.mar entries.
-    `ready_timeout` in seconds. On a failed start the server is stopped again and ServerError says where the
-    logs are.
+    `models`: "all" (every archive in the store) or archive file names / NAME=FILE.mar entries. `model_sha256`:
+    EE_MODEL_SHA256's format; a served archive that does not match is refused (ServerError) before TorchServe
+    starts. `ready_timeout` in seconds. On a failed start the server is stopped again and ServerError says where
+    the logs are.
     """
     return start_launch(Launch(Path(model_store), tuple(models), Path(state_dir), ports, bind, token_auth,
-                               Path(config_template), Path(metrics_config), Path(log_config), extra_config or {}),
+                               Path(config_template), Path(metrics_config), Path(log_config), extra_config or {},
+                               model_sha256),
                         ready_timeout)
 
 
@@ -343,9 +488,15 @@ def start_launch(launch: Launch, ready_timeout: float = 180.0) -> Server:
     for sub in ("tmp", "logs"):
         (state_dir / sub).mkdir(parents=True, exist_ok=True)
     (state_dir / KEY_FILE).unlink(missing_ok=True)
+    # The digests first: an archive is not even opened (its manifest read) before it is known to be the pinned one.
+    pin_problems = archive_pin_problems(model_store, launch.models, launch.model_sha256)
+    if pin_problems:
+        raise ServerError("; ".join(pin_problems))
     names = _model_names(model_store, launch.models)
     if not names:
         raise ServerError(f"no model archive (.mar) in {model_store}; build one first (make train-export)")
+    if launch.model_sha256.strip() == UNPINNED:
+        log.warning("WARNING: %s=%s: the archives' sha256 is not checked (local work only)", PIN_ENV, UNPINNED)
     config = launch.render()
     cmd = [_torchserve(), "--start", "--ncs", "--ts-config", str(config), "--model-store", str(model_store),
            "--log-config", str(Path(launch.log_config).resolve())]
@@ -367,8 +518,10 @@ def start_launch(launch: Launch, ready_timeout: float = 180.0) -> Server:
 def check_launch(launch: Launch, environ: Mapping[str, str] | None = None) -> list[str]:
     """Render the launch's config.properties and return every problem that should stop a start ([] = none).
 
-    Refused: a missing config/metrics/log file; token authorization off when `launch.token_auth` asks for it (also
-    through TS_DISABLE_TOKEN_AUTHORIZATION with enable_envvars_config=true); the model-registration API on;
+    Refused: a missing config/metrics/log file; token authorization off when `launch.token_auth` asks for it;
+    enable_envvars_config other than false (TS_* variables would override the file); the model-registration API
+    on; allowed_urls other than the model store's archives; a workflow store that is not empty and read-only; an
+    archive whose sha256 is not the one pinned in `launch.model_sha256`, or no pin (archive_pin_problems);
     management off loopback; listeners not where the launch puts them; metrics_mode other than prometheus; a
     metrics.yaml that does not declare the handler's metrics (serving/metrics.py) as the handler emits them; no
     archive to serve; torchserve or java not on PATH; a state or log folder that is not writable.
@@ -383,13 +536,21 @@ def check_launch(launch: Launch, environ: Mapping[str, str] | None = None) -> li
     except OSError as exc:
         return [f"cannot write {launch.config_path} ({exc})"]
     errors = []
-    if launch.token_auth:
-        if props.get("disable_token_authorization") != "false":
-            errors.append("token authorization must stay on (disable_token_authorization=false)")
-        if props.get("enable_envvars_config") == "true" and environ.get("TS_DISABLE_TOKEN_AUTHORIZATION") == "true":
-            errors.append("TS_DISABLE_TOKEN_AUTHORIZATION=true would turn token authorization off")
+    if launch.token_auth and props.get("disable_token_authorization") != "false":
+        errors.append("token authorization must stay on (disable_token_authorization=false)")
+    if props.get("enable_envvars_config") != "false":
+        overrides = sorted(k for k in environ if k.startswith("TS_"))
+        errors.append(f"enable_envvars_config must be false, got {props.get('enable_envvars_config')!r}: TS_* "
+                      f"environment variables would override the config file (set now: {overrides or 'none'})")
     if props.get("enable_model_api") == "true":
         errors.append("enable_model_api=true lets any management caller register arbitrary model code: keep it off")
+    expected_urls = allowed_urls(Path(launch.model_store))
+    if props.get("allowed_urls") != expected_urls:
+        errors.append(f"allowed_urls must be {expected_urls} (archives in the model store only), "
+                      f"got {props.get('allowed_urls')!r}")
+    if props.get("workflow_store") != str(launch.workflow_store_path):
+        errors.append(f"workflow_store must be {launch.workflow_store_path}, got {props.get('workflow_store')!r}")
+    errors += workflow_store_problems(launch.workflow_store_path)
     if not re.match(r"^https?://(127\.0\.0\.1|localhost):\d+$", props.get("management_address", "")):
         errors.append(f"management_address must bind to loopback, got {props.get('management_address')!r}")
     for key, port in (("inference_address", launch.ports.inference), ("metrics_address", launch.ports.metrics)):
@@ -400,6 +561,7 @@ def check_launch(launch: Launch, environ: Mapping[str, str] | None = None) -> li
                       f"got {props.get('metrics_mode')!r}")
     errors += metrics_config_problems(Path(launch.metrics_config))
     errors += _model_store_problems(Path(launch.model_store), launch.models)
+    errors += archive_pin_problems(Path(launch.model_store), launch.models, launch.model_sha256)
     if not Path(_torchserve()).exists() and not shutil.which(_torchserve()):
         errors.append("torchserve is not on PATH")
     if not shutil.which("java"):
@@ -542,8 +704,10 @@ def serve_foreground(server: Server, poll_s: float = 1.0) -> int:
     return 0
 
 
-def _load_entries(models: Sequence[str]) -> list[str]:
-    return ["ALL"] if [m.lower() for m in models] == ["all"] else list(models)
+def _load_entries(model_store: Path, models: Sequence[str]) -> list[str]:
+    """load_models: the archives in the store now for "all" (not TorchServe's ALL, which would also load one
+    that appears after the pins were checked), else the entries as given."""
+    return served_archives(model_store, models) if [m.lower() for m in models] == ["all"] else list(models)
 
 
 def _model_names(model_store: Path, models: Sequence[str]) -> list[str]:
@@ -668,7 +832,7 @@ def stop_server(state_dir: Path = DEFAULT_STATE, timeout: float = 60.0) -> bool:
     return True
 
 
-def _env_path(name: str, default: Path) -> Path:
+def _env_path(name: str, default: Path | None) -> Path | None:
     return Path(os.environ[name]) if os.environ.get(name) else default
 
 
@@ -696,6 +860,12 @@ def _launch_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=_env_path("EE_BASE_CONFIG", SERVING / "config.properties"))
     parser.add_argument("--metrics-config", type=Path, default=_env_path("EE_METRICS_CONFIG", SERVING / "metrics.yaml"))
     parser.add_argument("--log-config", type=Path, default=_env_path("EE_LOG_CONFIG", SERVING / "log4j2.xml"))
+    parser.add_argument("--model-sha256", default=os.environ.get(PIN_ENV, ""),
+                        help=f"NAME.mar=<sha256>[,...]: each served archive's pinned digest, or {UNPINNED} (local "
+                             f"work only); default: ${PIN_ENV}, refused when empty")
+    parser.add_argument("--workflow-store", type=Path, default=_env_path("EE_WORKFLOW_STORE", None),
+                        help=f"an empty folder without write permission (default: $EE_WORKFLOW_STORE, else "
+                             f"{WORKFLOW_STORE}/ in the state folder, created so)")
 
 
 def _launch(args: argparse.Namespace) -> Launch:
@@ -717,7 +887,8 @@ def _launch(args: argparse.Namespace) -> Launch:
         ports = Ports(ports.inference, args.management_port, ports.metrics, ports.grpc_inference,
                       ports.grpc_management, ports.worker)
     return Launch(args.model_store, tuple(m.strip() for m in args.models if m.strip()), args.state_dir, ports,
-                  args.bind, mode is TokenAuth.ON, args.config, args.metrics_config, args.log_config)
+                  args.bind, mode is TokenAuth.ON, args.config, args.metrics_config, args.log_config,
+                  model_sha256=args.model_sha256, workflow_store=args.workflow_store)
 
 
 def _checked(launch: Launch) -> Path:
@@ -727,8 +898,10 @@ def _checked(launch: Launch) -> Path:
         print(f"config check FAILED: {error}", file=sys.stderr)
     if errors:
         raise ConfigRefused(f"{len(errors)} problem(s)")
-    log.info("config check passed: token auth %s, models %s from %s, config %s",
-             "on" if launch.token_auth else "OFF", ",".join(launch.models), launch.model_store, launch.config_path)
+    log.info("config check passed: token auth %s, models %s from %s (%s), config %s",
+             "on" if launch.token_auth else "OFF", ",".join(launch.models), launch.model_store,
+             "sha256 NOT checked" if launch.model_sha256.strip() == UNPINNED else "sha256 pinned",
+             launch.config_path)
     return launch.config_path
 
 
@@ -769,6 +942,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     key = sub.add_parser("key", help="print a token from the running server's key file")
     _state_dir_arg(key)
     key.add_argument("--kind", choices=[k.value for k in KeyKind], default=KeyKind.INFERENCE.value)
+    pin = sub.add_parser("pin", help=f"print the {PIN_ENV}=... line that pins these archives")
+    pin.add_argument("archives", type=Path, nargs="+", help="the .mar files, as they will be served")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -787,6 +962,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("healthy")
         elif args.command == "stop":
             print("stopped" if stop_server(args.state_dir) else f"no server running from {args.state_dir}")
+        elif args.command == "pin":
+            try:
+                print(pin_line(args.archives))
+            except OSError as exc:
+                raise ServerError(f"cannot read an archive ({exc})") from None
         else:
             print(read_key(args.state_dir, KeyKind(args.kind)))
     except ConfigRefused:

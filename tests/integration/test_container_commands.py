@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from serving.client import Client
-from serving.server import Server, _pid_alive, _read_pid
+from serving.server import Server, _pid_alive, _read_pid, pin_line
 from tests.promtools import free_port
 
 pytestmark = pytest.mark.integration
@@ -26,10 +26,13 @@ READY_TIMEOUT_S = 180
 
 
 def container_env(home: Path, store: Path, models: str) -> dict[str, str]:
-    """The image's environment (Dockerfile ENV) with this test's folders and Python."""
+    """The image's environment (Dockerfile ENV) with this test's folders and Python, and the served archives'
+    sha256 pinned as the deployment pins them (EE_MODEL_SHA256)."""
+    archives = sorted(store.glob("*.mar")) if models == "all" else [store / m.split("=", 1)[-1] for m in models.split(",")]
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("EE_", "TS_"))},
             "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-            "PYTHONPATH": str(REPO), "EE_HOME": str(home), "EE_MODEL_STORE": str(store), "EE_MODELS": models}
+            "PYTHONPATH": str(REPO), "EE_HOME": str(home), "EE_MODEL_STORE": str(store), "EE_MODELS": models,
+            "EE_MODEL_SHA256": pin_line(archives).split("=", 1)[1]}
 
 
 def entrypoint(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

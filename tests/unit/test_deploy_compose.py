@@ -68,3 +68,13 @@ def test_compose_mounts_existing_files_and_prometheus_scrapes_the_server() -> No
     assert job["static_configs"][0]["targets"] == ["torchserve:8082"]
     gpu = load_yaml(REPO / "docker-compose.gpu.yml")["services"]["torchserve"]
     assert gpu["build"]["args"]["VARIANT"] == "gpu"
+
+
+def test_compose_needs_the_archives_pinned_sha256() -> None:
+    """EE_MODEL_SHA256 has no default in compose (nor in the image): docker compose stops until it is set."""
+    env = load_yaml(REPO / "docker-compose.yml")["services"]["torchserve"]["environment"]
+    with pytest.raises(ComposeVariableError, match="EE_MODEL_SHA256"):
+        interpolate(env["EE_MODEL_SHA256"], {})
+    pin = "mnist.mar=" + "ab" * 32
+    assert interpolate(env["EE_MODEL_SHA256"], {"EE_MODEL_SHA256": pin}) == pin
+    assert "EE_MODEL_SHA256" not in (REPO / "Dockerfile").read_text().split("ENV EE_HOME", 1)[1].split("\n\n")[0]

@@ -4,6 +4,7 @@ unless the gateway mode is chosen, and `healthcheck` fails with one line when no
 healthcheck and stop against a real TorchServe are in tests/integration/test_container_commands.py."""
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -19,11 +20,13 @@ ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
 
 def _entrypoint(tmp_path: Path, *args: str, base_config: Path | None = None, metrics: Path | None = None,
                 store_files: tuple[str, ...] = ("mnist.mar",), **env: str) -> subprocess.CompletedProcess:
-    """Run the entrypoint as the image does, with this test's Python first on PATH and EE_HOME in tmp_path."""
+    """Run the entrypoint as the image does, with this test's Python first on PATH and EE_HOME in tmp_path.
+    EE_MODEL_SHA256 pins the store's archives as they are unless `env` sets it."""
     store = tmp_path / "store"
     store.mkdir(exist_ok=True)
     for name in store_files:
         (store / name).write_bytes(b"PK")
+    pins = server.pin_line([store / name for name in store_files]).split("=", 1)[1] if store_files else "unpinned"
     environ = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("EE_", "TS_"))},
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
@@ -32,6 +35,7 @@ def _entrypoint(tmp_path: Path, *args: str, base_config: Path | None = None, met
         "EE_METRICS_CONFIG": str(metrics or REPO / "serving" / "metrics.yaml"),
         "EE_LOG_CONFIG": str(REPO / "serving" / "log4j2.xml"),
         "EE_MODEL_STORE": str(store),
+        "EE_MODEL_SHA256": pins,
         **env,
     }
     return subprocess.run(["bash", str(ENTRYPOINT), *args], env=environ, capture_output=True, text=True,
@@ -66,6 +70,12 @@ def test_entrypoint_check_passes_on_the_repository_config(tmp_path: Path) -> Non
     assert props["management_address"] == "http://127.0.0.1:8081"
     assert props["disable_token_authorization"] == "false"
     assert props["metrics_mode"] == "prometheus" and props["model_store"] == str(tmp_path / "store")
+    # only archives in the store can be registered, no workflow can be, TS_* variables cannot override the file
+    assert props["allowed_urls"] == server.allowed_urls(tmp_path / "store")
+    assert props["workflow_store"] == str(tmp_path / "workflow-store") and props["enable_envvars_config"] == "false"
+    assert not any((tmp_path / "workflow-store").iterdir()) and (tmp_path / "workflow-store").stat().st_mode & 0o222 == 0
+    assert props["load_models"] == "mnist.mar"  # "all", expanded to the archives whose sha256 was checked
+    assert "sha256 pinned" in proc.stderr
     assert (tmp_path / "config.properties").read_text() == proc.stdout
     # every key appears once: the base config's values for the container's keys were replaced
     keys = [line.split("=", 1)[0] for line in proc.stdout.splitlines() if "=" in line and not line.startswith("#")]
@@ -80,7 +90,9 @@ def _variant(tmp_path: Path, name: str, text: str) -> Path:
 
 @pytest.mark.parametrize("case", ["no_archive", "named_archive_missing", "model_api_on", "model_api_on_colon_syntax",
                                   "metrics_mode_log", "metric_not_declared", "metric_dimensions_differ",
-                                  "bad_token_mode", "token_env_override", "missing_log_config"])
+                                  "bad_token_mode", "missing_log_config", "no_pin", "malformed_pin",
+                                  "swapped_archive", "unpinned_archive", "pinned_archive_missing",
+                                  "workflow_store_not_empty", "workflow_store_writable"])
 def test_entrypoint_check_refuses_unsafe_or_broken_configs(tmp_path: Path, case: str) -> None:
     base = (REPO / "serving" / "config.properties").read_text()
     metrics_yaml = (REPO / "serving" / "metrics.yaml").read_text()
@@ -94,8 +106,14 @@ def test_entrypoint_check_refuses_unsafe_or_broken_configs(tmp_path: Path, case:
         "metric_not_declared": "EarlyExitCount",
         "metric_dimensions_differ": "declares StageRuns",
         "bad_token_mode": "EE_TOKEN_AUTH must be",
-        "token_env_override": "TS_DISABLE_TOKEN_AUTHORIZATION",
         "missing_log_config": "missing file",
+        "no_pin": "EE_MODEL_SHA256 is not set",
+        "malformed_pin": "EE_MODEL_SHA256: expected NAME.mar=<64 hex digits>",
+        "swapped_archive": "refusing to serve a replaced archive",
+        "unpinned_archive": "EE_MODEL_SHA256 pins no sha256 for mnist.mar",
+        "pinned_archive_missing": "EE_MODEL_SHA256 pins other.mar, which is not in",
+        "workflow_store_not_empty": "must be empty",
+        "workflow_store_writable": "must not be writable",
     }[case]
     if case == "no_archive":
         kwargs["store_files"] = ()
@@ -117,15 +135,55 @@ def test_entrypoint_check_refuses_unsafe_or_broken_configs(tmp_path: Path, case:
         kwargs["metrics"] = _variant(tmp_path, "m.yaml", text)
     elif case == "bad_token_mode":
         kwargs["EE_TOKEN_AUTH"] = "off"
-    elif case == "token_env_override":
-        kwargs["base_config"] = _variant(tmp_path, "c.properties", base + "\nenable_envvars_config=true\n")
-        kwargs["TS_DISABLE_TOKEN_AUTHORIZATION"] = "true"
     elif case == "missing_log_config":
         kwargs["EE_LOG_CONFIG"] = str(tmp_path / "nowhere.xml")
+    elif case == "no_pin":
+        kwargs["EE_MODEL_SHA256"] = ""
+    elif case == "malformed_pin":
+        kwargs["EE_MODEL_SHA256"] = "mnist.mar=CHANGE-ME"
+    elif case == "swapped_archive":  # the pin of other bytes under the same name
+        kwargs["EE_MODEL_SHA256"] = f"mnist.mar={hashlib.sha256(b'the archive that was pinned').hexdigest()}"
+    elif case == "unpinned_archive":
+        kwargs["EE_MODEL_SHA256"] = f"other.mar={hashlib.sha256(b'PK').hexdigest()}"
+    elif case == "pinned_archive_missing":
+        digest = hashlib.sha256(b"PK").hexdigest()
+        kwargs["EE_MODEL_SHA256"] = f"mnist.mar={digest},other.mar={digest}"
+    elif case in ("workflow_store_not_empty", "workflow_store_writable"):
+        workflows = tmp_path / "workflows"
+        workflows.mkdir()
+        if case == "workflow_store_not_empty":
+            (workflows / "w.war").write_bytes(b"PK")
+            workflows.chmod(0o555)
+        kwargs["EE_WORKFLOW_STORE"] = str(workflows)
     proc = _entrypoint(tmp_path, "check", **kwargs)
     assert proc.returncode == server.EXIT_CHECK_FAILED, proc.stderr
     assert "config check FAILED" in proc.stderr and expected in proc.stderr, proc.stderr
     assert proc.stdout == "", "a refused configuration is not printed as the effective one"
+    if case in ("no_pin", "swapped_archive"):
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
+def test_unpinned_is_an_explicit_opt_out_with_a_warning(tmp_path: Path) -> None:
+    proc = _entrypoint(tmp_path, "check", EE_MODEL_SHA256="unpinned")
+    assert proc.returncode == 0, proc.stderr
+    assert "sha256 NOT checked" in proc.stderr
+
+
+def test_ts_environment_variables_cannot_reopen_what_the_config_closes(tmp_path: Path) -> None:
+    """A base config asking for environment overrides is rendered with enable_envvars_config=false (TorchServe
+    then ignores TS_*, seen with TS_DISABLE_TOKEN_AUTHORIZATION); a launch that sets it true is refused."""
+    base = (REPO / "serving" / "config.properties").read_text() + "\nenable_envvars_config=true\n"
+    proc = _entrypoint(tmp_path, "check", base_config=_variant(tmp_path, "c.properties", base),
+                       TS_DISABLE_TOKEN_AUTHORIZATION="true")
+    assert proc.returncode == 0, proc.stderr
+    assert _props(proc.stdout)["enable_envvars_config"] == "false"
+    assert _props(proc.stdout)["disable_token_authorization"] == "false"
+    store = tmp_path / "store"
+    launch = server.Launch(store, ("mnist.mar",), tmp_path / "state", model_sha256=server.UNPINNED,
+                           extra_config={"enable_envvars_config": "true"})
+    (problem,) = [e for e in server.check_launch(launch, {"TS_DISABLE_TOKEN_AUTHORIZATION": "true"})
+                  if "enable_envvars_config" in e]
+    assert "TS_DISABLE_TOKEN_AUTHORIZATION" in problem
 
 
 def test_entrypoint_keeps_token_auth_on_even_if_the_base_config_disables_it(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_k8s_manifests_agree() -> None:
         assert container[probe]["exec"]["command"] == ["/home/model-server/docker/entrypoint.sh", "healthcheck"]
     assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     # tokens off only together with a NetworkPolicy that admits just the gateway and Prometheus
     assert env["EE_TOKEN_AUTH"] == "off-behind-gateway"
     ingress_ports = sorted(p["port"] for rule in by_kind["NetworkPolicy"]["spec"]["ingress"] for p in rule["ports"])
@@ -100,3 +100,32 @@ def test_k8s_prometheus_job_is_valid_prometheus_config(tmp_path: Path) -> None:
     path = tmp_path / "prometheus.yml"
     path.write_text(yaml.safe_dump(config))
     promtool_ok("check", "config", str(path))
+
+
+def _pin_source(env_entry: dict, config_maps: dict[str, dict]) -> str:
+    ref = env_entry["valueFrom"]["configMapKeyRef"]
+    return config_maps[ref["name"]]["data"][ref["key"]]
+
+
+def test_archive_pins_come_from_a_configmap_whose_placeholder_is_refused() -> None:
+    """k8s and KServe take EE_MODEL_SHA256 from a ConfigMap shipped beside them (the deployment's configuration,
+    not the archive's folder); its placeholder is not a pin, so a pod started before it is replaced refuses."""
+    from serving import server
+
+    kserve = Path(K8S).parent / "kserve"
+    config_maps = {d["metadata"]["name"]: d for d in k8s_docs() + [load_yaml(kserve / "model-pins.yaml")]
+                   if d["kind"] == "ConfigMap"}
+    deployment = next(d for d in k8s_docs() if d["kind"] == "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    (k8s_pin,) = [e for e in container["env"] if e["name"] == server.PIN_ENV]
+    isvc = load_yaml(kserve / "inferenceservice.yaml")
+    (kserve_pin,) = [e for e in isvc["spec"]["predictor"]["model"]["env"] if e["name"] == server.PIN_ENV]
+    for entry in (k8s_pin, kserve_pin):
+        placeholder = _pin_source(entry, config_maps)
+        assert placeholder.startswith("mnist.mar=CHANGE-ME")
+        with pytest.raises(server.ServerError, match="expected NAME.mar=<64 hex digits>"):
+            server.parse_pins(placeholder)
+        assert server.parse_pins(placeholder.replace(placeholder.split("=", 1)[1], "ab" * 32)) == {
+            "mnist.mar": "ab" * 32}
+    for name in ("model-pins.yaml",):
+        kubernetes_validate.validate(load_yaml(kserve / name), kubernetes_validate.latest_version(), strict=True)

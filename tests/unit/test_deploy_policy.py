@@ -199,7 +199,7 @@ def test_no_service_account_token_and_a_read_only_root(where: str) -> None:
 @pytest.mark.parametrize("where", ["k8s", "kserve"])
 def test_every_path_torchserve_writes_is_an_emptydir_volume(where: str) -> None:
     _, container, volumes = _pods()[where]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
     empty = {v["name"] for v in volumes if "emptyDir" in v}
     mounts = {PurePosixPath(m["mountPath"]): m["name"] for m in container["volumeMounts"]}
     assert set(mounts.values()) <= empty and not any(m.get("readOnly") for m in container["volumeMounts"])

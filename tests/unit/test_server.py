@@ -109,3 +109,70 @@ def test_token_auth_modes_are_a_closed_set() -> None:
     assert server.TokenAuth.parse("on") is server.TokenAuth.ON
     with pytest.raises(server.ServerError, match="EE_TOKEN_AUTH must be 'on' or 'off-behind-gateway', got 'off'"):
         server.TokenAuth.parse("off")
+
+
+PIN_A, PIN_B = "a" * 64, "0123456789abcdef" * 4
+
+
+def test_pins_parse_the_deployment_value_or_the_explicit_opt_out() -> None:
+    assert server.parse_pins(f"mnist.mar={PIN_A}, other.mar={PIN_B}") == {"mnist.mar": PIN_A, "other.mar": PIN_B}
+    assert server.parse_pins(" unpinned ") is None
+    for bad, message in (("", "EE_MODEL_SHA256 is not set"), ("mnist.mar", "expected NAME.mar="),
+                         (f"mnist={PIN_A}", "expected NAME.mar="), (f"mnist.mar={PIN_A.upper()}", "expected"),
+                         (f"../x.mar={PIN_A}", "expected"), (f"mnist.mar={PIN_A[:-1]}", "expected"),
+                         (f"mnist.mar={PIN_A},mnist.mar={PIN_B}", "pins mnist.mar twice")):
+        with pytest.raises(server.ServerError, match=message.replace(".", r"\.")):
+            server.parse_pins(bad)
+
+
+def test_archive_pins_are_checked_against_the_served_files(tmp_path: Path) -> None:
+    (tmp_path / "mnist.mar").write_bytes(b"archive")
+    (tmp_path / "other.mar").write_bytes(b"other")
+    line = server.pin_line([tmp_path / "mnist.mar", tmp_path / "other.mar"])
+    assert line.startswith("EE_MODEL_SHA256=mnist.mar=") and ",other.mar=" in line
+    pins = line.split("=", 1)[1]
+    assert server.archive_pin_problems(tmp_path, ["all"], pins) == []
+    assert server.archive_pin_problems(tmp_path, ["mnist.mar"], pins) == []  # other.mar pinned, present, not served
+    assert server.archive_pin_problems(tmp_path, ["all"], "unpinned") == []
+    only_mnist = pins.split(",")[0]
+    (problem,) = server.archive_pin_problems(tmp_path, ["all"], only_mnist)
+    assert "pins no sha256 for other.mar" in problem
+    (tmp_path / "mnist.mar").write_bytes(b"swapped")  # same name, other bytes
+    (problem,) = server.archive_pin_problems(tmp_path, ["m=mnist.mar"], pins)
+    assert "mnist.mar has sha256" in problem and "refusing to serve a replaced archive" in problem
+    (tmp_path / "other.mar").unlink()
+    assert any("pins other.mar, which is not in" in p for p in server.archive_pin_problems(tmp_path, ["all"], pins))
+
+
+def test_start_refuses_a_replaced_archive_before_starting_torchserve(tmp_path: Path) -> None:
+    (tmp_path / "mnist.mar").write_bytes(b"swapped")
+    with pytest.raises(server.ServerError, match="refusing to serve a replaced archive"):
+        server.start_server(tmp_path, ["mnist.mar"], tmp_path / "state", model_sha256=f"mnist.mar={PIN_A}")
+    assert not (tmp_path / "state" / "config.properties").exists(), "refused before anything was rendered"
+
+
+def test_rendered_config_allows_only_store_archives_and_an_empty_read_only_workflow_store(tmp_path: Path) -> None:
+    store = tmp_path / "model-store.v1"  # regex characters in the path are escaped
+    store.mkdir()
+    (store / "b.mar").write_bytes(b"b")
+    (store / "a.mar").write_bytes(b"a")
+    launch = server.Launch(store, ("all",), tmp_path / "state")
+    props = server.read_properties(launch.render())
+    assert props["allowed_urls"] == "file://" + str(store).replace("-", "\\\\-").replace(".", "\\\\.") + \
+        "/[^/]+\\\\.mar"
+    assert props["enable_envvars_config"] == "false" and props["load_models"] == "a.mar,b.mar"
+    workflows = Path(props["workflow_store"])
+    assert workflows == tmp_path / "state" / "workflow-store" and not any(workflows.iterdir())
+    assert workflows.stat().st_mode & 0o777 == 0o555
+    assert server.workflow_store_problems(workflows) == []
+    workflows.chmod(0o755)
+    assert "must not be writable" in server.workflow_store_problems(workflows)[0]
+
+
+def test_torchserve_gets_no_ts_variables_nor_the_launchers_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TS_DISABLE_TOKEN_AUTHORIZATION", "true")
+    monkeypatch.setenv("TS_ALLOWED_URLS", ".*")
+    monkeypatch.setenv("PYTHONPATH", "/home/model-server")  # would shadow the archive's own packages
+    env = server._env(tmp_path)
+    assert not [k for k in env if k.startswith("TS_")] and env["TMPDIR"] == str(tmp_path / "tmp")
+    assert "PYTHONPATH" not in env
