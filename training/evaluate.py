@@ -45,6 +45,7 @@ from tqdm import tqdm
 from early_exit.manifest import sha256_file, write_json_atomic
 from early_exit.policy import BudgetEntry, ConfidenceMeasure
 from training.attacks import AttackName, build_attack, keep_strongest
+from training.attacks.autoattack import APGD_T_MIN_CLASSES
 from training.attacked_sets import AttackFn, EvalResult, apgd_settings, evaluate, policy_attack_settings
 from training.calibrate import (
     CalibrationError,
@@ -168,14 +169,20 @@ def policy_targets(table: Sequence[BudgetEntry]) -> list[tuple[BudgetEntry, int]
     return targets
 
 
-def plan_suite(cfg: TrainConfig, num_exits: int, table: Sequence[BudgetEntry]) -> tuple[AttackRun, ...]:
-    """Every run of one evaluation, in the order they run (see the module docstring)."""
+def plan_suite(cfg: TrainConfig, num_exits: int, table: Sequence[BudgetEntry],
+               num_classes: int = APGD_T_MIN_CLASSES) -> tuple[AttackRun, ...]:
+    """Every run of one evaluation, in the order they run (see the module docstring). APGD-T is left out (and
+    the omission logged) for fewer than APGD_T_MIN_CLASSES classes, where its DLR loss is undefined."""
     eps, exits = cfg.eval_eps, range(num_exits)
     runs = [AttackRun(RunKind.CLEAN), *(AttackRun(RunKind.SINGLE, eps, exit=k) for k in exits),
             AttackRun(RunKind.AVERAGE, eps), AttackRun(RunKind.MAX_AVERAGE, eps), *slowdown_runs(cfg)]
     if cfg.strong_eval:
         runs += [AttackRun(RunKind.APGD_CE, eps, exit=k) for k in exits]
-        runs += [AttackRun(RunKind.APGD_T, eps, exit=k) for k in exits]
+        if num_classes >= APGD_T_MIN_CLASSES:
+            runs += [AttackRun(RunKind.APGD_T, eps, exit=k) for k in exits]
+        else:
+            log.warning("APGD-T left out: its DLR loss needs %d classes, the model has %d", APGD_T_MIN_CLASSES,
+                        num_classes)
         runs += [AttackRun(RunKind.POLICY, eps, exit=k, target=entry) for entry, k in policy_targets(table)]
     return tuple(runs)
 
@@ -294,8 +301,9 @@ def anytime_summary(sets: Mapping[AttackRun, EvalResult], worst_sets: Mapping[At
         "pgd_worst_case": [float(v) for v in worst_case_correct(papers).mean(axis=0)],
     }
     if any(r.kind is RunKind.APGD_CE for r in sets):
-        runs = list(worst_sets)
         summary["apgd-ce"] = [find(sets, RunKind.APGD_CE, j).accuracy[j] for j in range(k)]
+    if any(r.kind is RunKind.APGD_T for r in sets):
+        runs = list(worst_sets)
         summary["apgd-t"] = []  # cumulative: APGD-T ran on the survivors of every earlier set
         for j in range(k):
             last = next(i for i, r in enumerate(runs) if r.kind is RunKind.APGD_T and r.exit == j)
@@ -499,7 +507,8 @@ def run_evaluation(checkpoint: str | Path, out_dir: str | Path | None = None, li
     clean_full = evaluate(model, x_eval, y_eval, None, cfg.eval_batch_size, f"{split.value} (clean, all)")
     x_att, y_att = x_eval[:limit], y_eval[:limit]  # the attacked subset (the strong suite is slow on CPU)
     log.info("attacking %d %s images", len(y_att), split.value)
-    suite = AttackSuite(model, cfg, x_att, y_att, plan_suite(cfg, model.num_exits, table), measure)
+    runs = plan_suite(cfg, model.num_exits, table, num_classes=len(ckpt["dataset"]["classes"]))
+    suite = AttackSuite(model, cfg, x_att, y_att, runs, measure)
     sets = suite.run_all()
     worst_sets = suite.accuracy_sets()
     clean = find(sets, RunKind.CLEAN)

@@ -121,6 +121,10 @@ def test_runs_name_their_sets_and_the_plan_follows_the_config():
                                       "max-average", "deepsloth", "deepsloth@0.03137"]
     assert strong[:len(weak)] == weak and len(strong) == len(weak) + 2 * 3 + len(policy_targets(table))
     assert len({r.name for r in strong}) == len(strong)  # every set has its own name
+    # APGD-T's DLR loss needs 4 classes: a 3-class model is evaluated without it, not crashed
+    three = plan_suite(cfg, 3, table, num_classes=3)
+    assert [r for r in strong if r.kind is not RunKind.APGD_T] == list(three)
+    assert not any(r.kind is RunKind.APGD_T for r in three)
 
 
 def test_attack_timing_groups_runs_by_family():

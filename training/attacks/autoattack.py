@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     import torchattacks
 
 
+# The targeted DLR loss divides by the gap between the 1st and 3rd largest logits and targets another class:
+# it is defined for 4 classes or more (Croce & Hein 2020).
+APGD_T_MIN_CLASSES = 4
+
 class ExitModel(nn.Module):
     """Exit k (0-based) of a multi-exit network as a single-output classifier: stages and heads 0..k only."""
 
@@ -82,8 +86,8 @@ class APGD(Attack):
         if self.loss is APGDLoss.CE:
             attack = torchattacks.APGD(self.exit_model, loss="ce", **common)
         else:
-            if num_classes < 4:
-                raise ValueError("APGD-T's DLR loss needs at least 4 classes")
+            if num_classes < APGD_T_MIN_CLASSES:
+                raise ValueError(f"APGD-T's DLR loss needs at least {APGD_T_MIN_CLASSES} classes")
             attack = torchattacks.APGDT(self.exit_model, n_classes=num_classes, **common)
             attack.n_target_classes = min(self.target_classes, num_classes - 1)
         if self.model_mode is AttackModelMode.TRAIN:  # torchattacks switches to eval unless told otherwise
