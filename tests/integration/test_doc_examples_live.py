@@ -45,7 +45,7 @@ TINY = {"iterations": 2, "batch_size": 8, "val_size": 8, "test_size": 8, "attack
         "eval_limit": 8, "eval_steps": 2, "slowdown_steps": 2, "apgd_steps": 2, "apgd_target_classes": 1,
         "policy_attack_steps": 2, "calibration_attack_limit": 8, "checkpoint_every": 1000, "log_every": 1,
         "threads": 1}
-# mean RGB of each generated class; four, because the evaluation's APGD-T needs 4 classes (README)
+# mean RGB of each generated class; four, so the evaluation runs APGD-T too (its DLR loss needs 4 classes)
 PHOTO_CLASSES = {"bird": (200, 200, 60), "cat": (200, 60, 40), "dog": (40, 80, 200), "fish": (60, 200, 90)}
 PHOTOS_PER_CLASS = 8
 MARK = "@@doc-example "
