@@ -70,10 +70,11 @@ RUN useradd --create-home --home-dir /home/model-server --uid 10001 --user-group
  && install -d -o root -g root -m 0555 /home/model-server/workflow-store
 WORKDIR /home/model-server
 
-# Configuration, the launcher (serving.server, which checks the handler's metric specs in serving.metrics)
+# Configuration, the launcher (serving.server, which checks the handler's metric specs in serving.metrics, which
+# escapes client text with serving.rejections)
 # and the entrypoint belong to root (read-only for the server); logs, keys and the rendered config go to the
 # user's home. The handler itself rides inside each .mar.
-COPY serving/__init__.py serving/server.py serving/metrics.py serving/config.properties serving/metrics.yaml serving/log4j2.xml serving/
+COPY serving/__init__.py serving/server.py serving/metrics.py serving/rejections.py serving/config.properties serving/metrics.yaml serving/log4j2.xml serving/
 COPY --chmod=0755 docker/entrypoint.sh docker/entrypoint.sh
 # Archives built by `make train-export`; a volume mounted here replaces them.
 COPY model_store/ model-store/

@@ -2,6 +2,8 @@
 the one pydantic error formatter (early_exit.validation) the handler options and model-config.yaml share."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import yaml
 
@@ -241,8 +243,10 @@ def _make_n(*args: str) -> "subprocess.CompletedProcess[str]":
     import subprocess
     from pathlib import Path
 
+    # Run as a top-level make even under `make test` (whose MAKEFLAGS/MAKELEVEL would add "Entering directory").
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
     return subprocess.run(["make", "-n", *args], cwd=Path(__file__).resolve().parents[2], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
 
 
 def test_make_names_the_run_and_the_archive_after_the_preset(tmp_path):

@@ -140,7 +140,7 @@ def test_entrypoint_check_refuses_unsafe_or_broken_configs(tmp_path: Path, case:
     elif case == "no_pin":
         kwargs["EE_MODEL_SHA256"] = ""
     elif case == "malformed_pin":
-        kwargs["EE_MODEL_SHA256"] = "mnist.mar=CHANGE-ME"
+        kwargs["EE_MODEL_SHA256"] = "mnist-quick.mar=CHANGE-ME"
     elif case == "swapped_archive":  # the pin of other bytes under the same name
         kwargs["EE_MODEL_SHA256"] = f"mnist.mar={hashlib.sha256(b'the archive that was pinned').hexdigest()}"
     elif case == "unpinned_archive":

@@ -122,10 +122,10 @@ def test_archive_pins_come_from_a_configmap_whose_placeholder_is_refused() -> No
     (kserve_pin,) = [e for e in isvc["spec"]["predictor"]["model"]["env"] if e["name"] == server.PIN_ENV]
     for entry in (k8s_pin, kserve_pin):
         placeholder = _pin_source(entry, config_maps)
-        assert placeholder.startswith("mnist.mar=CHANGE-ME")
+        assert placeholder.startswith("mnist-quick.mar=CHANGE-ME")
         with pytest.raises(server.ServerError, match="expected NAME.mar=<64 hex digits>"):
             server.parse_pins(placeholder)
         assert server.parse_pins(placeholder.replace(placeholder.split("=", 1)[1], "ab" * 32)) == {
-            "mnist.mar": "ab" * 32}
+            "mnist-quick.mar": "ab" * 32}
     for name in ("model-pins.yaml",):
         kubernetes_validate.validate(load_yaml(kserve / name), kubernetes_validate.latest_version(), strict=True)

@@ -372,7 +372,8 @@ def test_archive_is_self_contained(export_of: Callable[[str], tuple[Path, Export
                                   handler={"top_k": 2, "max_payload_bytes": 4096})
     mar = build_archive(result.out_dir, store, handler_path=handler, serve_config=cfg)
     assert mar == store / "test-smallcnn.mar"
-    assert [p.name for p in store.iterdir()] == ["test-smallcnn.mar"]  # no staging folder left
+    # no staging folder left; beside the archive only the record of its digest
+    assert sorted(p.name for p in store.iterdir()) == ["test-smallcnn.mar", "test-smallcnn.mar.sha256"]
     k = result.manifest.num_exits
     with zipfile.ZipFile(mar) as z:
         names = set(z.namelist())
@@ -419,4 +420,4 @@ def test_archive_refuses_to_clobber_or_mismatch(export_of: Callable[[str], tuple
         build_archive(result.out_dir, store, handler_path=handler)
     assert mar.read_bytes() == before
     assert build_archive(result.out_dir, store, handler_path=handler, force=True) == mar
-    assert [p.name for p in store.iterdir()] == [mar.name]
+    assert sorted(p.name for p in store.iterdir()) == [mar.name, f"{mar.name}.sha256"]
