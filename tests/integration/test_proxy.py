@@ -462,7 +462,10 @@ def test_killing_the_workers_under_load_loses_no_answer(proxy, torchserve_server
         for f in futures:
             f.result(timeout=CLIENT_TIMEOUT_S + 10)
         pool.shutdown()
-    lines = proxy.log_lines()[log_start:]
+    # HAProxy writes a request's log line after the answer has gone out: give the last ones a moment to land.
+    deadline = time.monotonic() + 5.0
+    while len(lines := proxy.log_lines()[log_start:]) < len(outcomes) and time.monotonic() < deadline:
+        time.sleep(0.05)
     retried = [line for line in lines if not re.search(r" retries=0 ", line)]
     errors = [o for o in outcomes if o[1] != 200]
     wrong = [o for o in outcomes if o[1] == 200 and (o[2]["class_index"] != tiny.offline_classes[o[0]]
