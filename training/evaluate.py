@@ -49,6 +49,7 @@ from training.attacks.autoattack import APGD_T_MIN_CLASSES
 from training.attacked_sets import AttackFn, EvalResult, apgd_settings, evaluate, policy_attack_settings
 from training.calibrate import (
     CalibrationError,
+    ExitOutputs,
     apply_policy,
     calibration_path,
     judge_sets,
