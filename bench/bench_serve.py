@@ -200,7 +200,8 @@ def measure(inp: Inputs, lineup: Lineup) -> Measured:
 def attacked_pass(inp: Inputs, early: servers.Running) -> tuple[dict[str, Any], dict[str, list[Call]]]:
     """The attacked loads (bench/attacked_loads.py) on the early-exit server: clean = the attacked images' own
     files, deepsloth = every request attacked, mixed = one in ten; the cap is the second-to-last exit's cost."""
-    assert inp.attacked is not None
+    if inp.attacked is None:
+        raise ValueError("attacked_pass needs the attacked set (--attacked)")
     attacked, staged = inp.attacked.bodies, inp.manifest.staged_mflops
     mixed, flags = photos.mixed_bodies(inp.bodies, attacked)
     loads = {"clean": inp.bodies[:len(attacked)], "deepsloth": attacked, "mixed": mixed}
@@ -517,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("serving.server").setLevel(logging.WARNING)
-    from training.data import DatasetName, Split, load_tensors  # the bench, not serving, may use training's loader
+    from training.data import DataError, DatasetName, Split, load_tensors  # the bench may use training's loader
 
     if not args.archive.is_file():
         p.error(f"{args.archive} does not exist: run `make train-export` first")
@@ -543,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 run_config = photos.run_config(checkpoint, manifest)
                 test = photos.test_set(run_config, manifest, args.limit)
-            except (OSError, ValueError) as exc:  # ManifestError and DataError are ValueErrors: one line
+            except (OSError, ValueError, DataError) as exc:  # ManifestError is a ValueError; each says one line
                 p.error(str(exc))
             x, y, bodies = test.x, test.y, test.bodies
             if args.attacked > 0:
