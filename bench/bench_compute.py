@@ -37,7 +37,7 @@ import numpy as np
 
 from bench import servers, wrk
 from bench.archives import full_graph_archive, unpack
-from bench.common import Call, png_bodies, ratio, result_header
+from bench.common import TARGET_EFFICIENCY, Call, efficiency, png_bodies, ratio, result_header
 from bench.inprocess import forced_exit_rates
 from early_exit.policy import NEVER
 from training.train import seed_everything
@@ -45,23 +45,12 @@ from training.train import seed_everything
 log = logging.getLogger("bench.compute")
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-TARGET_EFFICIENCY = 0.7
 
 
 def generated_images(n: int, shape: Sequence[int], seed: int) -> np.ndarray:
     """n x C x H x W float32 with k/255 values (8-bit PNG round-trips them exactly)."""
     rng = np.random.default_rng(seed)
     return (rng.integers(0, 256, size=(n, *shape), dtype=np.uint8).astype(np.float32) / 255.0)
-
-
-def efficiency(time_exit: float | None, time_full: float | None, flops_exit: float, flops_full: float
-               ) -> dict[str, float | None]:
-    """Wall-time saving over FLOP saving of answering at one exit instead of running the full graph."""
-    flop_saving = 1.0 - flops_exit / flops_full
-    wall_saving = None if not time_exit or not time_full else 1.0 - time_exit / time_full
-    value = None if wall_saving is None or flop_saving <= 0 else wall_saving / flop_saving
-    return {"flop_saving": round(flop_saving, 4), "wall_saving": None if wall_saving is None else round(wall_saving, 4),
-            "efficiency": None if value is None else round(value, 3)}
 
 
 def cpu_per_request(run: dict[str, Any]) -> float | None:

@@ -25,10 +25,24 @@ overhead, bench/overhead.py), the latter also from CPU time. Answers through HTT
 the offline answers of the same staged runner (early_exit/runner.py) on the same graphs, per calibrated budget
 too; budget violations are counted against the staged cost of the exit that answered (bench/answers.py).
 
+On an image-folder (photo) archive (`dataset: imagefolder`, e.g. model_store/cifar10-jpeg-quick.mar) the
+requests are the original files (JPEG) of the run's held-out TEST split, carved by training.image_folders from the
+training config recorded in the checkpoint beside the archive (`--checkpoint`, default
+runs/<archive name>/checkpoint.pt); the offline check decodes the same bytes with the handler's decoding and the
+manifest's input_transform (bench/photos.py); stock TorchServe gets those decoded pixels as JSON.
+`--attacked N` (torch) also sends attacked loads to (a): DeepSloth on the first N images (bench/photos.py,
+bench/attacked_loads.py), all attacked and one in ten attacked; the Makefile turns it and --stock-no-spin on for a
+photo preset.
+
+Also reported for every archive: `compute_bound` at the highest concurrency, wall-time saving over staged-FLOP
+saving of (a) against (c) and against (e) (bench.common.efficiency; target TARGET_EFFICIENCY), and `latency_spread`:
+p50/p99 at every concurrency for every server as median, min and max over rounds, with the check that (a)'s p99 is
+no worse than (e)'s.
+
 `--sweep-settings` also sweeps the server's settings (bench/sweep.py) and puts the sweep and the recommended
 defaults into the result (`--sweep-only`: the sweep alone). Client threads and the server share the machine's
 cores: figures are for this machine only. Writes bench/results/serve-<dataset>.json (serve-<dataset>-sweep.json
-with --sweep-only).
+with --sweep-only; for a photo archive serve-<model name>.json).
 
 The standard runs go in three steps: `measure` (servers up, timed rounds, the answer pass, the budget pass),
 `summarize_runs` (medians, ratios against stock and the in-process limit) and `check` (answers against the
@@ -50,10 +64,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from bench import servers, stock, sweep, wrk
+from bench import attacked_loads, photos, servers, stock, sweep, wrk
 from bench.answers import accuracy, answer_field, answer_stats, offline_policy, summarize
 from bench.archives import full_graph_archive, unpack
-from bench.common import Call, load, png_bodies, ratio, result_header
+from bench.common import TARGET_EFFICIENCY, Call, efficiency, load, png_bodies, ratio, result_header
 from bench.inprocess import InProcess, ParallelInProcess
 from bench.overhead import TARGET, Run, http_vs_in_process
 from early_exit.manifest import Manifest
@@ -79,9 +93,11 @@ class Inputs:
     folder: Path  # the unpacked archive
     manifest: Manifest
     config: ServeConfig  # the archive's model-config.yaml
-    x: np.ndarray  # N x C x H x W test images, values k/255
+    x: np.ndarray  # N x C x H x W test images as the server decodes the bodies (MNIST: values k/255)
     y: np.ndarray  # N labels
-    bodies: list[bytes]  # x as PNG
+    bodies: list[bytes]  # MNIST: x as PNG; photo archive: the test files' bytes (JPEG)
+    attacked: photos.AttackedSet | None = None  # DeepSloth on the first images (--attacked)
+    photo: bool = False  # an image-folder archive
 
     @property
     def c_high(self) -> int:
@@ -148,6 +164,8 @@ class Measured:
     answers: dict[Run, list[Call]] = field(default_factory=dict)  # answer pass: every image once, in order
     answer_runs: dict[Run, dict[str, Any]] = field(default_factory=dict)  # that pass's run + answer_stats
     budget_calls: dict[float, list[Call]] = field(default_factory=dict)  # per calibrated budget, (a) only
+    attacked: dict[str, Any] | None = None  # attacked_loads.summarize_loads's rows (--attacked)
+    attacked_answers: dict[str, list[Call]] = field(default_factory=dict)  # per load, the uncapped answer pass
 
 
 def measure(inp: Inputs, lineup: Lineup) -> Measured:
@@ -174,7 +192,25 @@ def measure(inp: Inputs, lineup: Lineup) -> Measured:
         for budget in calibrated_budgets(inp.manifest):
             measured.budget_calls[budget], _ = load(early.server.inference_url, early.server.models[0], early.token,
                                                     inp.bodies[:inp.budget_requests], inp.c_high, budget)
+        if inp.attacked is not None:
+            measured.attacked, measured.attacked_answers = attacked_pass(inp, early)
     return measured
+
+
+def attacked_pass(inp: Inputs, early: servers.Running) -> tuple[dict[str, Any], dict[str, list[Call]]]:
+    """The attacked loads (bench/attacked_loads.py) on the early-exit server: clean = the attacked images' own
+    files, deepsloth = every request attacked, mixed = one in ten; the cap is the second-to-last exit's cost."""
+    if inp.attacked is None:
+        raise ValueError("attacked_pass needs the attacked set (--attacked)")
+    attacked, staged = inp.attacked.bodies, inp.manifest.staged_mflops
+    mixed, flags = photos.mixed_bodies(inp.bodies, attacked)
+    loads = {"clean": inp.bodies[:len(attacked)], "deepsloth": attacked, "mixed": mixed}
+    figures, answers, increases = attacked_loads.run_loads(early, loads, staged, inp.c_high, inp.args.rounds,
+                                                          inp.args.burst_seconds, staged[-2])
+    rows = attacked_loads.summarize_loads(figures, increases, inp.manifest.exit_agreement)
+    rows["mixed"]["attacked_share"] = round(sum(flags) / len(flags), 4)
+    rows["attack"] = {**inp.attacked.attack, "max_perturbation_after_png": round(inp.attacked.max_perturbation, 5)}
+    return rows, answers
 
 
 def timed_rounds(inp: Inputs, lineup: Lineup, live: dict[str, servers.Running], limit: InProcess,
@@ -222,7 +258,53 @@ def summarize_runs(inp: Inputs, measured: Measured) -> dict[str, Any]:
             "early_exit_vs_stock_no_spin": _against(per, runs, Run.STOCK_NO_SPIN, {}) or None,
             "http_vs_in_process": http_vs_in_process(runs, inp.config.batch_size, Run.EARLY, c_high, paired_limit,
                                                      paired_parallel),
-            "python_client_c16": python_client_figures(measured.answer_runs, runs, c_high)}
+            "python_client_c16": python_client_figures(measured.answer_runs, runs, c_high),
+            "latency_spread": latency_spread(per)}
+
+
+def compute_bound(per: dict[tuple[Run, int], list[dict[str, Any]]], early_mflops: float | None, full_mflops: float,
+                  concurrency: int, baselines: Sequence[Run] = (Run.FULL, Run.STOCK_NO_SPIN)) -> dict[str, Any]:
+    """Wall-time saving over staged-FLOP saving of the early-exit server against each baseline at `concurrency`:
+    bench.common.efficiency with time = 1 / requests-per-s (the median of per-round throughput ratios, as
+    bench_compute) and FLOPs = (a)'s mean staged MFLOPs per answer against the full graph's MFLOPs (what every
+    baseline runs). Target TARGET_EFFICIENCY against each baseline; a baseline not served gets None and fails."""
+    rows: dict[str, Any] = {}
+    for baseline in baselines:
+        if (Run.EARLY, concurrency) not in per or (baseline, concurrency) not in per or early_mflops is None:
+            rows[baseline] = None
+            continue
+        paired = servers.paired_ratio(per[(Run.EARLY, concurrency)], per[(baseline, concurrency)])
+        speedup = paired["median"]
+        figure = efficiency(1 / speedup if speedup else None, 1.0, early_mflops, full_mflops)
+        per_round = [efficiency(1 / r, 1.0, early_mflops, full_mflops)["efficiency"] for r in paired["per_round"]]
+        rows[baseline] = {**figure, "throughput_ratio": speedup, "throughput_ratio_per_round": paired["per_round"],
+                          "efficiency_per_round": per_round,
+                          "meets_target": figure["efficiency"] is not None and figure["efficiency"] >= TARGET_EFFICIENCY}
+    return {"concurrency": concurrency, "target_efficiency": TARGET_EFFICIENCY,
+            "early_exit_mean_mflops": early_mflops, "full_mflops": full_mflops,
+            "formula": "(1 - t_early / t_full) / (1 - c_early / c_full); t = 1 / requests-per-s",
+            "against": rows, "met": all(r is not None and r["meets_target"] for r in rows.values())}
+
+
+def latency_spread(per: dict[tuple[Run, int], list[dict[str, Any]]], baseline: Run = Run.STOCK_NO_SPIN
+                   ) -> dict[str, Any]:
+    """p50 and p99 per server and concurrency as median, min and max over rounds (HTTP servers; the in-process
+    loops report no latency), and per concurrency whether (a)'s median p99 is no worse than `baseline`'s."""
+    rows = [{"server": label, "concurrency": c, "rounds": len(rs),
+             **{key: attacked_loads.spread([r.get(key) for r in rs]) for key in ("p50_ms", "p99_ms")}}
+            for (label, c), rs in sorted(per.items(), key=lambda kv: (list(Run).index(kv[0][0]), kv[0][1]))
+            if any(r.get("p99_ms") is not None for r in rs)]
+    by = {(r["server"], r["concurrency"]): r for r in rows}
+    checks = []
+    for (label, c), row in by.items():
+        if label != Run.EARLY:
+            continue
+        base = by.get((baseline, c))
+        ours, theirs = row["p99_ms"]["median"], base["p99_ms"]["median"] if base else None
+        checks.append({"concurrency": c, "early_exit_p99_ms": ours, f"{baseline}_p99_ms": theirs,
+                       "passed": None if ours is None or theirs is None else ours <= theirs})
+    return {"rows": rows, f"p99_no_worse_than_{baseline}": checks,
+            "passed": bool(checks) and all(c["passed"] is True for c in checks)}
 
 
 def _run_row(inp: Inputs, label: Run, c: int, rs: list[dict[str, Any]], answer_runs: dict[Run, dict[str, Any]]
@@ -304,7 +386,22 @@ def check(inp: Inputs, measured: Measured) -> dict[str, Any]:
                     "unit": "staged MFLOPs per request (stages and heads run); the full network runs no early "
                             "heads"},
         "budget_sweep": [_budget_row(runner, budget, calls, x, y) for budget, calls in measured.budget_calls.items()],
+        "attacked_offline": _attacked_row(runner, inp, measured),
     }
+
+
+def _attacked_row(runner: StagedRunner, inp: Inputs, measured: Measured) -> dict[str, Any] | None:
+    """The early-exit server's answers to the DeepSloth PNGs against the staged runner offline on what those PNGs
+    decode to (default budget); None without --attacked."""
+    calls = measured.attacked_answers.get("deepsloth")
+    if inp.attacked is None or calls is None:
+        return None
+    y = inp.y[:len(calls)]
+    ref = offline_policy(runner, inp.attacked.x, y, inp.manifest.default_budget_mflops)
+    return {"requests": len(calls), "offline_mean_mflops": round(ref["mean_mflops"], 4),
+            "offline_accuracy": ref["accuracy"], "http_accuracy": accuracy(answer_field(calls, "class_index"), y),
+            "answers_differing": int((answer_field(calls, "class_index") != ref["pred"]).sum()),
+            "exits_differing": int((answer_field(calls, "exit_index") - 1 != ref["exits"]).sum())}
 
 
 def _budget_row(runner: StagedRunner, budget: float, calls: list[Call], x: np.ndarray, y: np.ndarray
@@ -328,20 +425,27 @@ def standard_runs(inp: Inputs) -> dict[str, Any]:
     measured = measure(inp, lineup)
     summary, checked = summarize_runs(inp, measured), check(inp, measured)
     violations = sum(r.get("budget_violations", 0) for r in summary["runs"]) + sum(
-        r["budget_violations"] for r in [*measured.answer_runs.values(), *checked["budget_sweep"]])
-    return {"settings": settings_description(inp), "stock_baseline": lineup.stock_baseline,
-            **{k: summary[k] for k in ("runs", "early_exit_vs_stock", "early_exit_vs_stock_no_spin",
-                                       "http_vs_in_process")},
-            "accuracy": checked["accuracy"], "compute": checked["compute"],
-            "python_client_c16": summary["python_client_c16"], "budget_violations": violations,
-            "budget_sweep": checked["budget_sweep"]}
+        r["budget_violations"] for r in [*measured.answer_runs.values(), *checked["budget_sweep"]]) + (
+        measured.attacked["budget_violations"] if measured.attacked else 0)
+    out = {"settings": settings_description(inp), "stock_baseline": lineup.stock_baseline,
+           **{k: summary[k] for k in ("runs", "early_exit_vs_stock", "early_exit_vs_stock_no_spin",
+                                      "http_vs_in_process", "latency_spread")},
+           "compute_bound": compute_bound(measured.rounds, (measured.answer_runs.get(Run.EARLY) or {}).get(
+               "mean_mflops"), inp.full_mflops, inp.c_high),
+           "accuracy": checked["accuracy"], "compute": checked["compute"],
+           "python_client_c16": summary["python_client_c16"], "budget_violations": violations,
+           "budget_sweep": checked["budget_sweep"]}
+    if measured.attacked is not None:
+        out["attacked_loads"] = {**measured.attacked, "offline_check": checked["attacked_offline"]}
+    return out
 
 
 def settings_description(inp: Inputs) -> dict[str, Any]:
     """The result's `settings`: what was sent, how, and the archive's serving settings."""
     config = inp.config
     return {"test_images": len(inp.y), "rounds": inp.args.rounds, "concurrency_1_requests_per_round": inp.c1_requests,
-            "input": f"{Run.EARLY} / {Run.FULL}: PNG over HTTP, token auth on; {Run.STOCK}: " + stock.INPUT_FORM,
+            "input": f"{Run.EARLY} / {Run.FULL}: {'the test files (JPEG)' if inp.photo else 'PNG'} over HTTP, "
+                     f"token auth on; {Run.STOCK}: " + stock.INPUT_FORM,
             "batch_size": config.batch_size, "max_batch_delay_ms": config.max_batch_delay,
             "workers": config.min_workers, "intra_op_threads": config.handler.intra_op_threads,
             "handler_options": config.handler.to_config(),
@@ -361,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archive", type=Path, default=REPO / "model_store" / "mnist-quick.mar")
     p.add_argument("--data-dir", type=Path, default=REPO / "data")
     p.add_argument("--limit", type=int, help="use the first N test images (default: all)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="photo archive: the checkpoint it was exported from, whose training config gives the test "
+                        "split and the DeepSloth settings (default runs/<archive name>/checkpoint.pt)")
+    p.add_argument("--attacked", type=int, default=0, metavar="N",
+                   help="photo archive: also send attacked loads, DeepSloth (torch) on the first N test images, "
+                        "every request attacked and one in ten (0: skip)")
     p.add_argument("--rounds", type=int, default=5,
                    help="interleaved rounds: every server (and the in-process loop) gets one burst per round and "
                         "concurrency; medians and per-round ratios are reported (the spread of the per-round ratios "
@@ -408,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("serving.server").setLevel(logging.WARNING)
-    from training.data import Split, load_tensors  # the bench, not serving, may use training's data loader
+    from training.data import DataError, DatasetName, Split, load_tensors  # the bench may use training's loader
 
     if not args.archive.is_file():
         p.error(f"{args.archive} does not exist: run `make train-export` first")
@@ -427,9 +537,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folder = work / "model"
         manifest, config = unpack(args.archive, folder)
-        x, y = load_tensors(manifest.dataset, args.data_dir, Split.TEST, limit=args.limit)
-        x, y = x.numpy().astype(np.float32), y.numpy()
-        bodies = png_bodies(x)
+        photo = manifest.dataset == DatasetName.IMAGEFOLDER.value
+        attacked = None
+        if photo:
+            checkpoint = args.checkpoint or photos.default_checkpoint(args.archive)
+            try:
+                run_config = photos.run_config(checkpoint, manifest)
+                test = photos.test_set(run_config, manifest, args.limit)
+            except (OSError, ValueError, DataError) as exc:  # ManifestError is a ValueError; each says one line
+                p.error(str(exc))
+            x, y, bodies = test.x, test.y, test.bodies
+            if args.attacked > 0:
+                attacked = photos.deepsloth(checkpoint, run_config, manifest, x[:args.attacked], args.seed)
+        else:
+            if args.attacked > 0:
+                p.error("--attacked needs an image-folder archive")
+            x_t, y_t = load_tensors(manifest.dataset, args.data_dir, Split.TEST, limit=args.limit)
+            x, y = x_t.numpy().astype(np.float32), y_t.numpy()
+            bodies = png_bodies(x)
         result = result_header("serve", args.seed, args.note)
         result["load_generator"] = {
             "timing": f"{load_generator}, one thread, persistent connections, closed loop (bench/wrk.py, "
@@ -443,14 +568,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["targets"] = {"stock_throughput_ratio": {f"c{c}": t for c, t in STOCK_TARGETS.items()},
                              "http_vs_in_process_c16": TARGET}
         if not args.sweep_only:
-            result.update(standard_runs(Inputs(args, work, folder, manifest, config, x, y, bodies)))
+            result.update(standard_runs(Inputs(args, work, folder, manifest, config, x, y, bodies, attacked, photo)))
         if args.sweep_settings or args.sweep_only:
             options = sweep.SweepOptions(args.warmup_seconds, args.settings_seconds, args.settings_c1_seconds,
                                          args.settings_rounds, args.confirm_rounds, args.min_gain,
                                          args.max_c1_p50_increase)
             result["settings_sweep"] = sweep.run(args.archive, folder, manifest, config, work / "sweep",
                                                  bodies[:args.settings_requests], axes, options)
-        out = args.out or RESULTS / f"serve-{manifest.dataset}{'-sweep' if args.sweep_only else ''}.json"
+        out = args.out or RESULTS / f"serve-{manifest.name if photo else manifest.dataset}" \
+            f"{'-sweep' if args.sweep_only else ''}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
         report(result)
@@ -490,6 +616,31 @@ def report(result: dict[str, Any]) -> None:
             a = h["against_parallel_loops"]
             print(f"HTTP / {a['loops']} in-process loops at once: {a['ratio']} (per round {a['per_round']}; "
                   f"{a['in_process_requests_per_s']} req/s in process)")
+    cb = result.get("compute_bound")
+    if cb:
+        for baseline, row in cb["against"].items():
+            print(f"compute-bound at c={cb['concurrency']} against {baseline}: " + (
+                "not served" if row is None else
+                f"efficiency {row['efficiency']} (wall saving {row['wall_saving']} / FLOP saving {row['flop_saving']}; "
+                f"per round {row['efficiency_per_round']}), target {cb['target_efficiency']}: "
+                f"{'met' if row['meets_target'] else 'NOT met'}"))
+    spread = result.get("latency_spread")
+    if spread:
+        for row in spread["rows"]:
+            print(f"{row['server']:24s} c={row['concurrency']:<3d} p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms")
+        print(f"p99 no worse than stock without spinning: {'passed' if spread['passed'] else 'NOT passed'} "
+              f"{[c for k, c in spread.items() if k.startswith('p99_no_worse')]}")
+    loads = result.get("attacked_loads")
+    if loads:
+        for name in ("clean", "deepsloth", "mixed"):
+            row = loads[name]
+            print(f"load {name:9s}: {row['requests_per_s']['median']} req/s, p50 {row['p50_ms']['median']} ms, p99 "
+                  f"{row['p99_ms']['median']} ms, {row['answer_pass']['mean_mflops']} MFLOPs/request (x"
+                  f"{row['cost_ratio_to_clean']} of clean), violations {row['answer_pass']['budget_violations']} "
+                  f"(capped at {row['capped_pass']['budget_mflops']}: {row['capped_pass']['budget_violations']}), "
+                  f"alerts: rate drop {row['alerts']['EarlyExitRateDrop']}, near full "
+                  f"{row['alerts']['ComputePerRequestNearFull']}, audit disagreement "
+                  f"{row['alerts']['EarlyExitDisagreementHigh']['condition_met']}")
     pc = result.get("python_client_c16")
     if pc:
         print(f"with the Python client instead of wrk (one pass, c={pc['concurrency']}): early exit / stock "

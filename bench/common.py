@@ -151,6 +151,21 @@ def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
     return round(a / b, digits)
 
 
+TARGET_EFFICIENCY = 0.7  # wall saving / FLOP saving a compute-bound server should reach (bench_compute, bench_serve)
+
+
+def efficiency(time_exit: float | None, time_full: float | None, flops_exit: float, flops_full: float
+               ) -> dict[str, float | None]:
+    """Wall-time saving over FLOP saving of answering at one exit (or under the early-exit policy) instead of running
+    the full graph: (1 - time_exit / time_full) / (1 - flops_exit / flops_full). Times in any one unit (s per
+    request, or 1 / requests-per-s), FLOPs in MFLOPs; None where a time is missing or nothing is saved."""
+    flop_saving = 1.0 - flops_exit / flops_full
+    wall_saving = None if not time_exit or not time_full else 1.0 - time_exit / time_full
+    value = None if wall_saving is None or flop_saving <= 0 else wall_saving / flop_saving
+    return {"flop_saving": round(flop_saving, 4), "wall_saving": None if wall_saving is None else round(wall_saving, 4),
+            "efficiency": None if value is None else round(value, 3)}
+
+
 # ------------------------------------------------------------------------------------------- CPU accounting
 def process_cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
     """user + system CPU seconds of each live pid (from /proc; a pid that is gone is left out)."""
