@@ -220,11 +220,12 @@ def _acc(value: float, bounds: list[float] | None) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    pgd = f"PGD-{result['eval_steps']}"
     lines = [f"# bench-train: {result['preset']} (seed {result['seed']}, {result['machine']['cpu']})", "",
              "Accuracies with their 95% Wilson intervals [low, high]: clean over all test images, the attacks over "
              "the attacked ones; neokd - adv with Newcombe's hybrid score interval (conservative: the same images).",
              "",
-             "| method | exit | staged MFLOPs | anytime MFLOPs | clean | PGD-40 max-average | PGD-40 average | "
+             f"| method | exit | staged MFLOPs | anytime MFLOPs | clean | {pgd} max-average | {pgd} average | "
              "APGD-CE | APGD-T | strong worst case |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, r in result["methods"].items():
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     timed = [m for m in methods.values() if not m["reused"]] or list(methods.values())
     mean = lambda key: sum(m["throughput"][key] for m in timed) / len(timed)  # noqa: E731
     result = {
-        "preset": args.preset, "seed": cfg.seed, "started": started, "finished": now(),
+        "preset": args.preset, "seed": cfg.seed, "eval_steps": cfg.eval_steps, "started": started, "finished": now(),
         "machine": machine(), "versions": versions(), "config": cfg.to_dict(),
         "methods": methods,
         "comparison": {"neokd_minus_adv_mean_adv_acc": methods["neokd"]["mean_adv_acc_max_average"]

@@ -95,11 +95,12 @@ def test_bench_train_reads_the_photo_evaluation_with_intervals_and_targets(photo
     assert t["deepsloth_cost_rise_no_cap"]["measured"]["set"] == "deepsloth"
     assert "deepsloth_cost_rise_with_cap" in t
     timing = {"ms_per_iteration": {}, "share": {}, "achieved_gflops": {}}
-    result = {"preset": "cifar10-jpeg-quick", "seed": 0, "machine": {"cpu": "test"}, "targets": t,
+    result = {"preset": "cifar10-jpeg-quick", "seed": 0, "eval_steps": 20, "machine": {"cpu": "test"}, "targets": t,
               "methods": {m: {**f, "throughput": timing, "train_seconds": 1.0} for m, f in methods.items()},
               "comparison": {"neokd_minus_adv_strong_worst_case": t["neokd_at_least_adv_every_exit"]["differences"]},
               "throughput": {"train_samples_per_s": 1.0, "bound_samples_per_s": 1.0, "ratio": 1.0}}
     md = markdown(result)
     lo, hi = last["intervals"]["strong_worst_case"]
     assert f"{worst:.4f} [{lo:.3f}, {hi:.3f}]" in md
+    assert "| PGD-20 max-average | PGD-20 average |" in md  # the run's own eval_steps, not a fixed label
     assert "deepsloth_cost_rise_no_cap" in md and "reported" in md and "| neokd - adv |" in md
