@@ -172,12 +172,13 @@ bench-compute: $(STAMP)
 bench-export: $(MAR)
 	cp $(EXPORT)/export-parity.json bench/results/export-parity.json
 
-# A photo preset (dataset: imagefolder) also serves stock TorchServe without spinning (the compute-bound and p99
-# baseline) and sends the DeepSloth loads on the first ATTACKED test images (bench/photos.py, needs torch).
+# Every preset also serves stock TorchServe without spinning (--stock-no-spin: the compute-bound and p99
+# baseline). A photo preset (dataset: imagefolder) also sends the DeepSloth loads on the first ATTACKED test
+# images (bench/photos.py, needs torch).
 ATTACKED ?= 200
-BENCH_SERVE_PHOTO = $(if $(filter imagefolder,$(DATASET)),--checkpoint $(CKPT) --stock-no-spin --attacked $(ATTACKED))
+BENCH_SERVE_PHOTO = $(if $(filter imagefolder,$(DATASET)),--checkpoint $(CKPT) --attacked $(ATTACKED))
 bench-serve: $(MAR)
-	$(PY) -m bench.bench_serve --archive $(MAR) --data-dir data $(BENCH_SERVE_PHOTO)
+	$(PY) -m bench.bench_serve --archive $(MAR) --data-dir data --stock-no-spin $(BENCH_SERVE_PHOTO)
 
 # --- serving -------------------------------------------------------------------
 # TOKEN_AUTH=off for local work without the bearer token (the shipped configuration keeps it on). PORT=8090:

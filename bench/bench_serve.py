@@ -31,8 +31,8 @@ training config recorded in the checkpoint beside the archive (`--checkpoint`, d
 runs/<archive name>/checkpoint.pt); the offline check decodes the same bytes with the handler's decoding and the
 manifest's input_transform (bench/photos.py); stock TorchServe gets those decoded pixels as JSON.
 `--attacked N` (torch) also sends attacked loads to (a): DeepSloth on the first N images (bench/photos.py,
-bench/attacked_loads.py), all attacked and one in ten attacked; the Makefile turns it and --stock-no-spin on for a
-photo preset.
+bench/attacked_loads.py), all attacked and one in ten attacked; the Makefile turns it on for a photo preset, and
+--stock-no-spin for every preset.
 
 Also reported for every archive: `compute_bound` at the highest concurrency, wall-time saving over staged-FLOP
 saving of (a) against (c) and against (e) (bench.common.efficiency; target TARGET_EFFICIENCY), and `latency_spread`:
