@@ -103,3 +103,14 @@ def test_compute_bound_carries_the_machine_rate_from_train_json() -> None:
     assert bound["iteration_gflop"]["total"] == 40.0
     # a run trained before train.json had a machine rate: no machine figures, nothing made up
     assert "machine_ratio" not in compute_bound(_summary(False), batch_size=8)
+
+
+def test_the_benchmark_attacks_at_least_its_minimum_whatever_the_presets_evaluation_size() -> None:
+    from bench.bench_train import MIN_ATTACKED, attacked_limit
+    from training.config import load_config
+
+    photo = load_config("cifar10-jpeg-quick")  # the preset sizes its own evaluation for the CPU (500)
+    assert photo.eval_limit < MIN_ATTACKED and attacked_limit(photo) == MIN_ATTACKED
+    more = load_config("cifar10-jpeg-quick", [f"eval_limit={MIN_ATTACKED + 500}"])
+    assert attacked_limit(more) == MIN_ATTACKED + 500  # a larger evaluation is kept
+    assert attacked_limit(load_config("cifar10-jpeg-quick", ["eval_limit=null"])) is None  # the whole test split
