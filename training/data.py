@@ -229,8 +229,8 @@ def load_tensors(
 
 
 class AugmentedTensorDataset(Dataset):
-    """The CIFAR-10 training augmentation on [0, 1] tensors: torchvision's RandomCrop(size, padding=4) and
-    RandomHorizontalFlip.
+    """The CIFAR-10 training augmentation on [0, 1] tensors: torchvision's RandomCrop(size, padding=`padding`
+    zero pixels, 4 for CIFAR-10) and RandomHorizontalFlip.
 
     The transforms draw from torch's global generator of the process that runs `__getitem__`: in the main
     process (num_workers=0) that is the trainer's seeded generator (saved and restored on resume); in a
@@ -239,12 +239,12 @@ class AugmentedTensorDataset(Dataset):
     `random` from it too).
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, padding: int = 4) -> None:
         from torchvision import transforms
 
         self.x, self.y = x, y
         self.transform = transforms.Compose([
-            transforms.RandomCrop(tuple(x.shape[2:]), padding=4),
+            transforms.RandomCrop(tuple(x.shape[2:]), padding=padding),
             transforms.RandomHorizontalFlip(),
         ])
 
@@ -269,7 +269,8 @@ def seed_worker(worker_id: int) -> None:
 def training_dataset(name: DatasetName | str, root: str | Path, val_size: int, seed: int,
                      limit: int | None = None, *, config: Any = None) -> Dataset:
     """The training split (`seed` draws the validation hold-out); CIFAR-10 with its augmentation; an image folder
-    (`config` required) as files decoded and augmented per item, in the DataLoader's workers."""
+    (`config` required) decoded once into memory when it fits (`decode_once_mib`), else decoded per item in the
+    DataLoader's workers; either way augmented per item (training.image_folders.folder_training_dataset)."""
     if _is_imagefolder(name):
         from training.image_folders import folder_training_dataset
 

@@ -195,6 +195,31 @@ def test_training_augmentations_keep_shape_and_range(tmp_path: Path) -> None:
         assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
 
+def test_crop_flip_decoded_once_draws_what_per_file_decoding_draws(tmp_path: Path) -> None:
+    """The in-memory path (decode_once_mib above the split's size) and the per-file path (0) are the same
+    augmentation: under the same torch seed each item is the same crop and flip of the same planes."""
+    root = _folder(tmp_path / "imgs", {"ant": 5, "bee": 5})
+    datasets = {}
+    for cap in (64, 0):
+        cfg = _cfg(tmp_path, root, val_size=2, test_size=2, name="crop", mean=[0.5] * 3, std=[0.5] * 3,
+                   crop_padding=3, decode_once_mib=cap)
+        datasets[cap] = training_dataset(cfg.dataset, cfg.data_dir, cfg.val_size, cfg.seed, config=cfg)
+    assert type(datasets[64]).__name__ == "AugmentedTensorDataset"
+    assert type(datasets[0]).__name__ == "ImageFiles"
+    assert len(datasets[64]) == len(datasets[0]) == 6
+    flipped_or_shifted = 0
+    for i in range(len(datasets[0])):
+        items = []
+        for cap in (64, 0):
+            torch.manual_seed(i)
+            items.append(datasets[cap][i])
+        assert torch.equal(items[0][0], items[1][0]) and int(items[0][1]) == int(items[1][1])
+        flipped_or_shifted += not torch.equal(items[0][0], load_tensors(
+            "imagefolder", root, Split.TRAIN, 2, 0, config=_cfg(tmp_path, root, val_size=2, test_size=2,
+                                                                name="crop", mean=[0.5] * 3, std=[0.5] * 3))[0][i])
+    assert flipped_or_shifted > 0  # the augmentation ran (a copy of the evaluation planes would pass the above)
+
+
 # ------------------------------------------------------------------------------------------------- transform
 @pytest.mark.parametrize("size", [(48, 32), (300, 200), (37, 64), (32, 32), (33, 32), (31, 45)])
 @pytest.mark.parametrize("resize_crop", [(32, 32), (36, 32), (40, 24)])
