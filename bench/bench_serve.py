@@ -35,7 +35,9 @@ bench/attacked_loads.py), all attacked and one in ten attacked; the Makefile tur
 --stock-no-spin for every preset.
 
 Also reported for every archive: `compute_bound` at the highest concurrency, wall-time saving over staged-FLOP
-saving of (a) against (c) and against (e) (bench.common.efficiency; target TARGET_EFFICIENCY), and `latency_spread`:
+saving of (a) against (c) and against (e) (bench.common.efficiency; target TARGET_EFFICIENCY), with its
+`breakdown` (`time_breakdown`: the same figure for the onnxruntime runners alone, and the network's share of a
+full-graph request's server CPU, measured after the servers are down), and `latency_spread`:
 p50/p99 at every concurrency for every server as median, min and max over rounds, with the check that (a)'s p99 is
 no worse than (e)'s.
 
@@ -68,9 +70,10 @@ from bench import attacked_loads, photos, servers, stock, sweep, wrk
 from bench.answers import accuracy, answer_field, answer_stats, offline_policy, summarize
 from bench.archives import full_graph_archive, unpack
 from bench.common import TARGET_EFFICIENCY, Call, efficiency, load, png_bodies, ratio, result_header
-from bench.inprocess import InProcess, ParallelInProcess
+from bench.inprocess import InProcess, ParallelInProcess, forced_exit_rates
 from bench.overhead import TARGET, Run, http_vs_in_process
 from early_exit.manifest import Manifest
+from early_exit.policy import entry_for_budget
 from early_exit.runner import FullGraphRunner, StagedRunner
 from export.archive import ServeConfig
 from training.train import seed_everything
@@ -286,6 +289,31 @@ def compute_bound(per: dict[tuple[Run, int], list[dict[str, Any]]], early_mflops
             "against": rows, "met": all(r is not None and r["meets_target"] for r in rows.values())}
 
 
+def time_breakdown(rates: dict[str, dict[str, Any]], early_mflops: float | None, full_mflops: float,
+                   runs: Sequence[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    """Why the HTTP wall-time saving is what it is: the same efficiency figure (bench.common.efficiency) with the
+    onnxruntime runners alone (`rates`: bench.inprocess.forced_exit_rates with its "policy" key, rows/s on
+    decoded arrays at the server's batch size and threads), and how much of a full-graph request's server CPU
+    (TorchServe's frontend and workers, `runs`' full_graph_http row at `concurrency`) is that network compute.
+
+    `early_mflops` is the policy's mean staged MFLOPs per image, `full_mflops` the full graph's. When compute is a
+    share s of the request and the rest is the same for both servers, the HTTP efficiency tends to s times the
+    runner's (`http_efficiency_if_rest_fixed`): the bound the served figure can reach on this model."""
+    ms = {key: None if not r.get("rows_per_s") else round(1000 / r["rows_per_s"], 4) for key, r in rates.items()}
+    runner = efficiency(ms.get("policy"), ms.get("full"), early_mflops, full_mflops) if early_mflops else None
+    full_row = next((r for r in runs if r["server"] == Run.FULL and r["concurrency"] == concurrency), None)
+    server_ms = ((full_row or {}).get("cpu_ms_per_request") or {}).get("server")
+    share = None if not server_ms or ms.get("full") is None else round(ms["full"] / server_ms, 3)
+    runner_eff = None if runner is None else runner["efficiency"]
+    return {"runner_ms_per_image": ms, "runner_rows_per_s": rates, "runner": runner,
+            "full_graph_http_server_cpu_ms_per_request": server_ms, "compute_share_of_full_graph_request": share,
+            "http_efficiency_if_rest_fixed": None if share is None or runner_eff is None else round(
+                share * runner_eff, 3),
+            "note": "runner: onnxruntime sessions alone on the decoded test images (no HTTP, decoding or answers), "
+                    "the staged runner under the default budget's thresholds against the full graph; share: the "
+                    "full graph's runner ms per image over the full-graph server's CPU ms per request"}
+
+
 def latency_spread(per: dict[tuple[Run, int], list[dict[str, Any]]], baseline: Run = Run.STOCK_NO_SPIN
                    ) -> dict[str, Any]:
     """p50 and p99 per server and concurrency as median, min and max over rounds (HTTP servers; the in-process
@@ -427,11 +455,18 @@ def standard_runs(inp: Inputs) -> dict[str, Any]:
     violations = sum(r.get("budget_violations", 0) for r in summary["runs"]) + sum(
         r["budget_violations"] for r in [*measured.answer_runs.values(), *checked["budget_sweep"]]) + (
         measured.attacked["budget_violations"] if measured.attacked else 0)
+    early_mflops = (measured.answer_runs.get(Run.EARLY) or {}).get("mean_mflops")
+    bound = compute_bound(measured.rounds, early_mflops, inp.full_mflops, inp.c_high)
+    if inp.manifest.full_graph is not None:  # the servers are down: the runners alone, on the same images
+        entry = entry_for_budget(inp.manifest.default_budget_mflops, inp.manifest.calibration,
+                                 inp.manifest.staged_mflops)
+        rates = forced_exit_rates(inp.folder, inp.manifest, inp.x, inp.config.batch_size,
+                                  inp.config.handler.intra_op_threads, inp.args.rounds, policy=entry)
+        bound["breakdown"] = time_breakdown(rates, early_mflops, inp.full_mflops, summary["runs"], inp.c_high)
     out = {"settings": settings_description(inp), "stock_baseline": lineup.stock_baseline,
            **{k: summary[k] for k in ("runs", "early_exit_vs_stock", "early_exit_vs_stock_no_spin",
                                       "http_vs_in_process", "latency_spread")},
-           "compute_bound": compute_bound(measured.rounds, (measured.answer_runs.get(Run.EARLY) or {}).get(
-               "mean_mflops"), inp.full_mflops, inp.c_high),
+           "compute_bound": bound,
            "accuracy": checked["accuracy"], "compute": checked["compute"],
            "python_client_c16": summary["python_client_c16"], "budget_violations": violations,
            "budget_sweep": checked["budget_sweep"]}
@@ -624,6 +659,13 @@ def report(result: dict[str, Any]) -> None:
                 f"efficiency {row['efficiency']} (wall saving {row['wall_saving']} / FLOP saving {row['flop_saving']}; "
                 f"per round {row['efficiency_per_round']}), target {cb['target_efficiency']}: "
                 f"{'met' if row['meets_target'] else 'NOT met'}"))
+        b = cb.get("breakdown")
+        if b:
+            print(f"  runners alone: {b['runner_ms_per_image']} ms per image, efficiency "
+                  f"{(b['runner'] or {}).get('efficiency')}; the full graph's compute is "
+                  f"{b['compute_share_of_full_graph_request']} of a full-graph request's server CPU "
+                  f"({b['full_graph_http_server_cpu_ms_per_request']} ms), so HTTP efficiency tends to "
+                  f"{b['http_efficiency_if_rest_fixed']}")
     spread = result.get("latency_spread")
     if spread:
         for row in spread["rows"]:

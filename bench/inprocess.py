@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.common import Call, latency_summary, self_cpu_seconds
 from early_exit.manifest import Manifest, load_manifest
-from early_exit.policy import NEVER
+from early_exit.policy import NEVER, BudgetEntry
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS_YAML = REPO / "serving" / "metrics.yaml"
@@ -142,11 +142,13 @@ class ParallelInProcess:
         self.pool.shutdown()
 
 
-def forced_exit_rates(folder: Path, manifest: Manifest, x: np.ndarray, batch: int, threads: int, rounds: int
-                      ) -> dict[str, dict[str, Any]]:
+def forced_exit_rates(folder: Path, manifest: Manifest, x: np.ndarray, batch: int, threads: int, rounds: int,
+                      policy: BudgetEntry | None = None) -> dict[str, dict[str, Any]]:
     """Rows/s of the full-graph runner (key "full") and of the staged runner capped at each exit (keys "1".."K",
     no threshold firing), `threads` onnxruntime threads, `x` (N x C x H x W float32) in batches of `batch`, each
-    measured once per round after one untimed batch. Per key: the median rows_per_s and every round's figure."""
+    measured once per round after one untimed batch; with `policy` also the staged runner under those thresholds
+    and that cap (key "policy": the natural mix of exits). Per key: the median rows_per_s and every round's
+    figure."""
     from early_exit.runner import FullGraphRunner, StagedRunner
 
     staged = StagedRunner.from_folder(manifest, folder, threads)
@@ -166,5 +168,7 @@ def forced_exit_rates(folder: Path, manifest: Manifest, x: np.ndarray, batch: in
         out["full"].append(rate(full.run))
         for e in range(k):
             out.setdefault(str(e + 1), []).append(rate(lambda b, e=e: staged.run(b, never, e)))
+        if policy is not None:
+            out.setdefault("policy", []).append(rate(lambda b: staged.run(b, policy.thresholds, policy.max_exit)))
     return {key: {"rows_per_s": round(float(np.median(v)), 1), "per_round": [round(r, 1) for r in v]}
             for key, v in out.items()}

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bench import attacked_loads, photos
-from bench.bench_serve import compute_bound, latency_spread
+from bench.bench_serve import compute_bound, latency_spread, time_breakdown
 from bench.common import Call
 from bench.overhead import Run
 from early_exit.manifest import ManifestError
@@ -215,3 +215,19 @@ def test_deepsloth_set_is_the_projects_attack_on_the_checkpoint_as_lossless_png(
         before = early_exit_uniform_ce(model, torch.from_numpy(x)).item()
         after = early_exit_uniform_ce(model, torch.from_numpy(attacked.x)).item()
     assert after < before  # the early exits moved toward uniform
+
+
+def test_time_breakdown_takes_the_runners_efficiency_and_the_compute_share() -> None:
+    rates = {"full": {"rows_per_s": 1000.0}, "1": {"rows_per_s": 2500.0}, "policy": {"rows_per_s": 1250.0}}
+    runs = [{"server": Run.FULL, "concurrency": 16, "cpu_ms_per_request": {"server": 4.0}},
+            {"server": Run.FULL, "concurrency": 1, "cpu_ms_per_request": {"server": 9.0}}]
+    out = time_breakdown(rates, early_mflops=60.0, full_mflops=100.0, runs=runs, concurrency=16)
+    assert out["runner_ms_per_image"] == {"full": 1.0, "1": 0.4, "policy": 0.8}
+    # runner: wall saving 1 - 0.8 / 1.0 = 0.2 over FLOP saving 0.4
+    assert out["runner"]["efficiency"] == 0.5 and out["runner"]["flop_saving"] == 0.4
+    assert out["compute_share_of_full_graph_request"] == 0.25  # 1.0 ms of the c=16 row's 4.0, not c=1's 9.0
+    assert out["http_efficiency_if_rest_fixed"] == 0.125
+    none = time_breakdown({"full": {"rows_per_s": 1000.0}}, 60.0, 100.0, [], 16)
+    assert none["runner"]["efficiency"] is None and none["compute_share_of_full_graph_request"] is None
+    assert none["http_efficiency_if_rest_fixed"] is None
+    json.dumps(out)
