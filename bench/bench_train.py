@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dataset is DatasetName.IMAGEFOLDER:  # which test photos leave at which exit, clean and under DeepSloth
         grids = photo_grids(Path(methods["neokd"]["run_dir"]) / "checkpoint.pt",
                             out.parent / f"{out.stem}-photos")
-        result["photo_grids"] = [str(g) for g in grids]
+        result["photo_grids"] = [g.name for g in grids]  # beside the JSON
     out.write_text(json.dumps(result, indent=2))
     out.with_suffix(".md").write_text(markdown(result))
     # The plots of the NEO-KD model's evaluation, beside the JSON (the README shows them).
