@@ -155,10 +155,13 @@ def run_method(preset: str, method: Method, overrides: list[str], reuse: bool) -
 
 def evaluation_figures(ev: dict[str, Any]) -> dict[str, Any]:
     """What bench-train reports of one eval.json (`ev`, training/evaluate.py): per exit the accuracies clean (all
-    `test_samples` test images) and under each attack (the `attacked_samples` attacked ones), the deployed policy
-    at the default budget (the calibration's last row), the slowdown rows; every accuracy with its 95% interval."""
+    `split_samples` images of the evaluated split: the test split for bench-train) and under each attack (the
+    `attacked_samples` attacked ones), the deployed policy at the default budget (the calibration's last row), the
+    slowdown rows; every accuracy with its 95% interval."""
     a = ev["anytime"]
-    samples = {"attacked": ev["attacked_samples"], "clean_test": ev["test_samples"]}
+    # clean_full / split_samples: the whole evaluated split (the test split for bench-train; equal to eval.json's
+    # clean_full_test / test_samples there), so a validation-split evaluation reads the same way
+    samples = {"attacked": ev["attacked_samples"], "clean_test": ev["split_samples"]}
     exits = []
     for k, (mf, anytime_mf) in enumerate(zip(ev["cost"]["staged_mflops"], ev["cost"]["anytime_mflops"])):
         adv_acc = {"max-average": a["max-average"][k], "average": a["average"][k],
@@ -166,9 +169,9 @@ def evaluation_figures(ev: dict[str, Any]) -> dict[str, Any]:
                    **{name: a[name][k] for name in ("apgd-ce", "apgd-t") if name in a},
                    "strong_worst_case": a["worst_case"][k]}
         exits.append({
-            "exit": k + 1, "staged_mflops": mf, "anytime_mflops": anytime_mf, "clean_acc": a["clean_full_test"][k],
+            "exit": k + 1, "staged_mflops": mf, "anytime_mflops": anytime_mf, "clean_acc": a["clean_full"][k],
             "clean_acc_attacked_subset": a["clean"][k], "adv_acc": adv_acc,
-            "intervals": {"clean_acc": interval(a["clean_full_test"][k], samples["clean_test"]),
+            "intervals": {"clean_acc": interval(a["clean_full"][k], samples["clean_test"]),
                           "clean_acc_attacked_subset": interval(a["clean"][k], samples["attacked"]),
                           **{name: interval(v, samples["attacked"]) for name, v in adv_acc.items()
                              if name != "single"}},

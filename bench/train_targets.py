@@ -137,20 +137,24 @@ class PhotoTargets:
         "(strong worst case); DeepSloth at eps 8/255: the rise in mean cost with and without a budget cap "
         "(reported)")
 
-    def judge(self, methods: Mapping[str, Any]) -> dict[str, Any]:
-        neokd = methods["neokd"]
-        last = neokd["exits"][-1]
+    def judge_one(self, method: Mapping[str, Any]) -> dict[str, Judged]:
+        """The targets that concern one trained model (`method`, bench_train.evaluation_figures of its
+        eval.json): its final exit and its deployed policy; neokd >= adv and DeepSloth are left to `judge`."""
+        last = method["exits"][-1]
         clean, worst = last["clean_acc"], last["adv_acc"]["strong_worst_case"]
-        clean_cost = neokd["policy_default_budget"]["clean_cost_over_full_network"]
-        rows = {
+        clean_cost = method["policy_default_budget"]["clean_cost_over_full_network"]
+        return {
             "neokd_final_exit_clean": Judged(clean, self.final_exit_clean,
-                                             interval=accuracy_interval(clean, neokd["samples"]["clean_test"])),
+                                             interval=accuracy_interval(clean, method["samples"]["clean_test"])),
             "neokd_final_exit_strong_worst_case": Judged(worst, self.final_exit_strong_worst_case,
-                                                         interval=accuracy_interval(worst, _n_attacked(neokd))),
-            **_policy_rows(neokd, worst - self.policy_margin, self.policy_robust_cost),
+                                                         interval=accuracy_interval(worst, _n_attacked(method))),
+            **_policy_rows(method, worst - self.policy_margin, self.policy_robust_cost),
             "policy_clean_cost_over_full_network": Judged(clean_cost, self.policy_clean_cost, Direction.AT_MOST),
         }
-        return {**_with_comparison(rows, methods), **deepsloth_cost_rise(neokd, self.deepsloth_eps)}
+
+    def judge(self, methods: Mapping[str, Any]) -> dict[str, Any]:
+        neokd = methods["neokd"]
+        return {**_with_comparison(self.judge_one(neokd), methods), **deepsloth_cost_rise(neokd, self.deepsloth_eps)}
 
 
 def deepsloth_cost_rise(method: Mapping[str, Any], eps: float) -> dict[str, Any]:

@@ -104,3 +104,37 @@ def test_bench_train_reads_the_photo_evaluation_with_intervals_and_targets(photo
     assert f"{worst:.4f} [{lo:.3f}, {hi:.3f}]" in md
     assert "| PGD-20 max-average | PGD-20 average |" in md  # the run's own eval_steps, not a fixed label
     assert "deepsloth_cost_rise_no_cap" in md and "reported" in md and "| neokd - adv |" in md
+
+
+def test_exit_placement_judges_a_validation_evaluation_and_refuses_a_test_one(
+        photo_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.exit_placement: the tiny run's val evaluation -> costs per exit, the policy, the photo targets."""
+    import json
+
+    from bench import exit_placement
+    from training.evaluate import run_evaluation
+
+    steps = {k: 1 for k in ("eval_steps", "slowdown_steps", "apgd_steps", "policy_attack_steps")}
+    run_dir = photo_checkpoint.parent
+    run_evaluation(photo_checkpoint, out_dir=run_dir / "eval-val", limit=5, overrides=steps, split="val")
+    monkeypatch.setattr(exit_placement, "RESULTS", tmp_path)
+    assert exit_placement.main(["--run", f"tiny={run_dir}", "--out", "placements"]) == 0
+    result = json.loads((tmp_path / "placements.json").read_text())
+    assert (tmp_path / result["plot"]).is_file() and result["machine"]["cpu_count"] >= 1
+    row = result["placements"][0]
+    assert row["label"] == "tiny" and row["samples"] == {"attacked": 5, "clean_test": 9}  # val_size=9
+    assert row["recipe"]["method"] == "neokd" and row["recipe"]["iterations"] == 2
+    fractions = [e["cost_over_full_network"] for e in row["exits"]]
+    assert fractions == sorted(fractions) and fractions[-1] > 1  # staged: the early heads are paid for too
+    judged = row["val_targets"]
+    worst = row["exits"][-1]["strong_worst_case"]
+    assert judged["policy_robust_accuracy_default_budget"]["target"] == pytest.approx(worst - 0.01)
+    assert judged["policy_clean_cost_over_full_network"]["measured"] == pytest.approx(
+        row["policy_default_budget"]["clean_cost_over_full_network"])
+
+    ev = json.loads((run_dir / "eval-val" / "eval.json").read_text())
+    other = tmp_path / "other"
+    (other / "eval-val").mkdir(parents=True)
+    (other / "eval-val" / "eval.json").write_text(json.dumps({**ev, "split": "test"}))
+    with pytest.raises(ValueError, match="not 'val'"):
+        exit_placement.placement_row("other", other, exit_placement.PhotoTargets())
