@@ -28,6 +28,8 @@ from bench.bench_train import RESULTS, evaluation_figures
 from bench.common import result_header
 from bench.train_targets import PhotoTargets
 from training.checkpoint import load_checkpoint
+from training.data import Split
+from training.evaluate import EVAL_NAME, evaluation_dir
 
 log = logging.getLogger("bench.exit_placement")
 
@@ -45,14 +47,16 @@ def placement_row(label: str, run_dir: Path, targets: PhotoTargets) -> dict[str,
     """One placement's figures from RUN_DIR's checkpoint and eval-val/eval.json.
 
     Raises FileNotFoundError for a missing file and ValueError for an evaluation of another split."""
-    ev = json.loads((run_dir / "eval-val" / "eval.json").read_text())
-    if ev.get("split") != "val":
-        raise ValueError(f"{run_dir}/eval-val/eval.json evaluated the {ev.get('split')!r} split, not 'val'")
+    checkpoint = run_dir / "checkpoint.pt"
+    eval_json = evaluation_dir(checkpoint, Split.VAL) / EVAL_NAME
+    ev = json.loads(eval_json.read_text())
+    if ev.get("split") != Split.VAL.value:
+        raise ValueError(f"{eval_json} evaluated the {ev.get('split')!r} split, not {Split.VAL.value!r}")
     figures = evaluation_figures(ev)
     full = ev["cost"]["anytime_mflops"][-1]
     policy = figures["policy_default_budget"]
     return {
-        "label": label, "run_dir": str(run_dir), "recipe": recipe(run_dir / "checkpoint.pt"),
+        "label": label, "run_dir": str(run_dir), "recipe": recipe(checkpoint),
         "full_network_mflops": full,
         "exits": [{"exit": e["exit"], "staged_mflops": e["staged_mflops"],
                    "cost_over_full_network": e["staged_mflops"] / full, "clean_acc": e["clean_acc"],
