@@ -10,8 +10,10 @@ import torch
 from PIL import Image
 
 from bench.photo_grid import PhotoExits, main, photo_exits, write_grids
+from training.config import load_config
 
 CLASSES = ["ant", "bee", "cat"]
+PRESET = "cifar10-jpeg-quick"
 
 
 def _fake(clean_exits: list[int], attacked_exits: list[int]) -> PhotoExits:
@@ -36,7 +38,7 @@ def test_one_png_per_exit_with_a_row_of_attacked_photos_whose_exit_changed(tmp_p
 
 
 def _tiny_photo_checkpoint(tmp_path: Path) -> Path:
-    """A 2-iteration NEO-KD ResNet (3 exits) on a folder of 16x16 colour photos, calibrated by the CLI."""
+    """A 2-iteration NEO-KD ResNet (the preset's exits) on a folder of 16x16 colour photos, calibrated by the CLI."""
     from training import train
     from training.calibrate import main as calibrate_main
 
@@ -47,7 +49,7 @@ def _tiny_photo_checkpoint(tmp_path: Path) -> Path:
             base[..., c] = 255
             Image.fromarray(base).resize((20, 20), Image.Resampling.BICUBIC).save(
                 tmp_path / "imgs" / name / f"{i:03d}.png")
-    argv = ["--preset", "cifar10-jpeg-quick", f"data_dir={tmp_path / 'imgs'}", "input_size=16", "val_size=9",
+    argv = ["--preset", PRESET, f"data_dir={tmp_path / 'imgs'}", "input_size=16", "val_size=9",
             "test_size=12", "iterations=2", "batch_size=6", "eps_warmup_iters=0", "checkpoint_every=1000",
             "threads=1", "slowdown_steps=2", f"out_dir={tmp_path / 'runs'}", "name=photos"]
     assert train.main(argv) == 0
@@ -63,13 +65,14 @@ def photo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_grids_of_a_tiny_photo_checkpoint(photo_checkpoint: Path, tmp_path: Path) -> None:
     photos = photo_exits(photo_checkpoint, limit=10)
-    assert len(photos.labels) == 10 and photos.classes == CLASSES and len(photos.staged_mflops) == 3
+    exits = len(load_config(PRESET).exits) + 1  # the preset's named exits and the final one
+    assert len(photos.labels) == 10 and photos.classes == CLASSES and len(photos.staged_mflops) == exits
     assert photos.clean.min() >= 0 and photos.clean.max() <= 1
     assert (photos.attacked - photos.clean).abs().max() <= photos.eps + 1e-6  # DeepSloth's L-inf ball
     assert photos.eps == pytest.approx(8 / 255)
-    assert set(photos.clean_exits) | set(photos.attacked_exits) <= {0, 1, 2}
+    assert set(photos.clean_exits) | set(photos.attacked_exits) <= set(range(exits))
     assert main([str(photo_checkpoint), "--limit", "10", "--out-prefix", str(tmp_path / "g")]) == 0
-    assert sorted(p.name for p in tmp_path.glob("g-exit*.png")) == ["g-exit1.png", "g-exit2.png", "g-exit3.png"]
+    assert sorted(p.name for p in tmp_path.glob("g-exit*.png")) == [f"g-exit{k}.png" for k in range(1, exits + 1)]
 
 
 def test_bench_train_reads_the_photo_evaluation_with_intervals_and_targets(photo_checkpoint: Path,
